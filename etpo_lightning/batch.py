@@ -1,0 +1,97 @@
+"""The transition: what one environment step leaves for training, and its padded batch form.
+
+Storage is deliberately small: token ids and a few scalars per transition, plus the
+per-token log-probabilities the policy had when it sampled (4 bytes a token, for
+monitoring and for PPO-style baselines). No full-vocabulary tensor is ever stored:
+V(h) at the next observation is the only quantity ETPO needs from the future, and it
+is one number (``next_value``) computed on the device at rollout time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Transition:
+    """One environment step: observation tokens, the action the policy wrote, and its outcome."""
+
+    prompt_ids: Tensor  # [P] int, the observation's tokens (already truncated by the datamodule)
+    action_ids: Tensor  # [L] int, the generated tokens, EOS included when the policy emitted it
+    reward: float
+    done: bool
+    next_value: float = 0.0  # V(s_{t+1}) at rollout time; 0 when the episode ended
+    logprobs: Tensor | None = None  # [L] float32, log pi_old(w_j | h_j) at sampling time
+
+    def nbytes(self) -> int:
+        """Bytes this transition holds in tensors (ids, log-probs) plus its three scalars."""
+        tensors = [self.prompt_ids, self.action_ids] + ([self.logprobs] if self.logprobs is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors) + 3 * 4
+
+
+@dataclass
+class TransitionBatch:
+    """A padded batch of transitions, the input of ``ETPOModule.training_step``.
+
+    Prompts are LEFT-padded so that every prompt ends at column P-1 and the first action
+    token is predicted from the same column in every row; actions are RIGHT-padded so
+    that the valid tokens of ``action_mask`` are left-aligned, as the losses expect.
+    """
+
+    prompt_ids: Tensor  # [B, P] long
+    prompt_mask: Tensor  # [B, P] bool
+    action_ids: Tensor  # [B, L] long
+    action_mask: Tensor  # [B, L] bool
+    rewards: Tensor  # [B] float32
+    dones: Tensor  # [B] float32 (1.0 = episode ended)
+    next_values: Tensor  # [B] float32
+    old_logprobs: Tensor | None = field(default=None)  # [B, L] float32, 0 at padding
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> TransitionBatch:
+        moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in vars(self).items()}
+        return TransitionBatch(**moved)
+
+    @classmethod
+    def collate(cls, transitions: Sequence[Transition], pad_token_id: int) -> TransitionBatch:
+        """Pad a list of transitions into a batch (prompts left, actions right)."""
+        if not transitions:
+            raise ValueError("cannot collate an empty list of transitions")
+        prompts = [t.prompt_ids.long() for t in transitions]
+        actions = [t.action_ids.long() for t in transitions]
+        prompt_ids, prompt_mask = _pad(prompts, pad_token_id, left=True)
+        action_ids, action_mask = _pad(actions, pad_token_id, left=False)
+        old_logprobs = None
+        if all(t.logprobs is not None for t in transitions):
+            old_logprobs, _ = _pad([t.logprobs.float() for t in transitions], 0.0, left=False)
+        return cls(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            action_ids=action_ids,
+            action_mask=action_mask,
+            rewards=torch.tensor([float(t.reward) for t in transitions], dtype=torch.float32),
+            dones=torch.tensor([float(t.done) for t in transitions], dtype=torch.float32),
+            next_values=torch.tensor([float(t.next_value) for t in transitions], dtype=torch.float32),
+            old_logprobs=old_logprobs,
+        )
+
+
+def _pad(seqs: Sequence[Tensor], value: float, left: bool) -> tuple[Tensor, Tensor]:
+    width = max(1, max(s.numel() for s in seqs))
+    out = torch.full((len(seqs), width), value, dtype=seqs[0].dtype)
+    mask = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        n = s.numel()
+        if n == 0:
+            continue
+        if left:
+            out[i, width - n :], mask[i, width - n :] = s, True
+        else:
+            out[i, :n], mask[i, :n] = s, True
+    return out, mask

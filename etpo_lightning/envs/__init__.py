@@ -1,0 +1,1 @@
+"""etpo_lightning/envs"""

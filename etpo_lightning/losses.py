@@ -1,0 +1,192 @@
+"""ETPO's mathematics as pure tensor functions: one equation of ``shared/spec/etpo-math.md`` each.
+
+Read top to bottom, this file is the whole algorithm:
+
+1. ``soft_values``        V(h)   = sum_w pi(w|h) [Q_target(h,w) - beta (log pi(w|h) - log rho(w|h))]
+2. ``soft_bellman_targets`` y_j  = V(h_{j+1}) inside an action, r + gamma (1-d) V(s') at its last token
+3. ``q_loss``             L_Q    = mean_j (Q(h_j, w^j) - y_j)^2            (or Huber)
+4. ``policy_loss``        L_pi(h) = sum_w pi(w|h) [beta (log pi - log rho) - Q(h,w)],  Q detached
+
+Conventions
+-----------
+* Logits and Q values are ``[..., V]`` tensors over the *whole* vocabulary.
+* Arithmetic is float32 (float64 if the inputs are float64) even under bf16/fp16 autocast:
+  every function upcasts and disables autocast, because softmax expectations over 32k
+  tokens lose the small KL and entropy terms in 8-bit mantissas.
+* Full-vocabulary intermediates are built ``chunk_size`` positions at a time. The peak
+  extra memory of ``soft_values`` is about ``5 * chunk_size * V * 4`` bytes (the float32
+  copies of Q, both log-softmaxes, pi and their product) whatever the sequence length;
+  ``policy_loss`` recomputes each chunk in the backward pass (activation checkpointing),
+  so its saved activations stay at one chunk's worth too. With the default 1024
+  positions and a 32,016-token vocabulary that bound is ~655 MB; pass a smaller chunk on
+  small GPUs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _over_chunks(fn: Callable[..., Tensor], *tensors: Tensor, chunk_size: int, recompute: bool) -> Tensor:
+    """Apply ``fn`` (a map [n, V] -> [n] or [n, k]) to ``chunk_size`` flattened positions at a time."""
+    lead = tensors[0].shape[:-1]
+    flat = [t.reshape(-1, t.shape[-1]) for t in tensors]
+    outs = []
+    for start in range(0, flat[0].shape[0], chunk_size):
+        parts = [t[start : start + chunk_size] for t in flat]
+        if recompute and torch.is_grad_enabled() and any(p.requires_grad for p in parts):
+            outs.append(checkpoint(fn, *parts, use_reentrant=False))
+        else:
+            outs.append(fn(*parts))
+    if not outs:  # zero positions: still return the right shape and dtype
+        outs.append(fn(*flat))
+    out = torch.cat(outs)
+    return out.reshape(tuple(lead) + tuple(out.shape[1:]))
+
+
+def _log_policies(policy_logits: Tensor, ref_logits: Tensor) -> tuple[Tensor, Tensor]:
+    dtype = _compute_dtype(policy_logits)
+    return (
+        F.log_softmax(policy_logits.to(dtype), dim=-1),
+        F.log_softmax(ref_logits.to(dtype), dim=-1),
+    )
+
+
+def _soft_value_chunk(q: Tensor, policy_logits: Tensor, ref_logits: Tensor, beta: float) -> Tensor:
+    log_pi, log_rho = _log_policies(policy_logits, ref_logits)
+    pi = log_pi.exp()
+    return (pi * (q.to(log_pi.dtype) - beta * (log_pi - log_rho))).sum(-1)
+
+
+def soft_values(
+    q: Tensor,
+    policy_logits: Tensor,
+    ref_logits: Tensor,
+    beta: float,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """Entropy-weighted soft value V(h) = E_{w~pi}[Q(h,w)] - beta * KL(pi(.|h) || rho(.|h)).
+
+    Exact over the vocabulary (no sampling). ``q`` is the target critic's Q over the
+    vocabulary, ``policy_logits`` and ``ref_logits`` give pi and rho by softmax; all three
+    are ``[..., V]`` and the result is ``[...]``. Callers evaluate it under ``no_grad``;
+    gradients flow if they do not.
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        return _over_chunks(
+            lambda a, b, c: _soft_value_chunk(a, b, c, beta),
+            q, policy_logits, ref_logits,
+            chunk_size=chunk_size, recompute=False,
+        )
+
+
+def soft_bellman_targets(
+    values: Tensor,
+    action_mask: Tensor,
+    rewards: Tensor,
+    dones: Tensor,
+    next_values: Tensor,
+    gamma: float,
+) -> Tensor:
+    """Per-token soft Bellman targets y [B, L] for the tokens of one action per row.
+
+    ``values[b, j]`` is V(h_j), the soft value where token j of action b is chosen;
+    ``action_mask`` (bool [B, L]) marks valid tokens, left-aligned. Inside an action the
+    target is the next position's value, with no reward and no discount; the last valid
+    token gets ``rewards + gamma * (1 - dones) * next_values`` (V at the next observation's
+    first position); padding gets 0. Rows with no valid token are all zeros.
+    """
+    dtype = _compute_dtype(values)
+    mask = action_mask.bool()
+    values = values.to(dtype)
+    next_token_valid = F.pad(mask[:, 1:], (0, 1), value=False)
+    shifted = F.pad(values[:, 1:], (0, 1), value=0.0)
+    targets = torch.where(next_token_valid, shifted, torch.zeros_like(shifted))
+
+    last_token = mask & ~next_token_valid
+    bootstrap = rewards.to(dtype) + gamma * (1.0 - dones.to(dtype)) * next_values.to(dtype)
+    targets = torch.where(last_token, bootstrap[:, None].expand_as(targets), targets)
+    return targets.detach()
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def q_loss(
+    q_taken: Tensor,
+    targets: Tensor,
+    action_mask: Tensor,
+    huber_delta: float | None = None,
+) -> Tensor:
+    """Critic loss: mean over valid tokens of (Q(h_j, w^j) - y_j)^2, or Huber(delta) if given.
+
+    ``q_taken`` [B, L] is the online critic's Q at the token actually taken; the targets
+    are treated as constants.
+    """
+    dtype = _compute_dtype(q_taken)
+    with torch.autocast(q_taken.device.type, enabled=False):
+        q_taken, targets = q_taken.to(dtype), targets.detach().to(dtype)
+        if huber_delta is None:
+            per_token = (q_taken - targets).pow(2)
+        else:
+            per_token = F.huber_loss(q_taken, targets, reduction="none", delta=huber_delta)
+        return _masked_mean(per_token, action_mask)
+
+
+def _policy_loss_chunk(policy_logits: Tensor, ref_logits: Tensor, q: Tensor, beta: float) -> Tensor:
+    log_pi, log_rho = _log_policies(policy_logits, ref_logits)
+    pi = log_pi.exp()
+    return (pi * (beta * (log_pi - log_rho) - q.to(log_pi.dtype))).sum(-1)
+
+
+def policy_loss(
+    policy_logits: Tensor,
+    ref_logits: Tensor,
+    q: Tensor,
+    action_mask: Tensor,
+    beta: float,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Tensor:
+    """KL-regularised policy loss, mean over valid positions of
+    sum_w pi(w|h) [beta (log pi(w|h) - log rho(w|h)) - Q(h,w)], with Q detached.
+
+    It equals beta * KL(pi || rho exp(Q/beta) / Z) - beta log Z at each position, so its
+    minimiser is the Boltzmann policy pi* = rho exp(Q/beta) / Z, with value -beta log Z.
+    All tensors but ``action_mask`` are ``[B, L, V]``.
+    """
+    q = q.detach()
+    with torch.autocast(policy_logits.device.type, enabled=False):
+        per_position = _over_chunks(
+            lambda a, b, c: _policy_loss_chunk(a, b, c, beta),
+            policy_logits, ref_logits.detach(), q,
+            chunk_size=chunk_size, recompute=True,
+        )
+        return _masked_mean(per_position, action_mask)
+
+
+def kl_and_entropy(
+    policy_logits: Tensor, ref_logits: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> tuple[Tensor, Tensor]:
+    """Exact per-position KL(pi || rho) and entropy H(pi), for monitoring ([..., V] -> [...])."""
+
+    def chunk(p: Tensor, r: Tensor) -> Tensor:
+        log_pi, log_rho = _log_policies(p, r)
+        pi = log_pi.exp()
+        return torch.stack([(pi * (log_pi - log_rho)).sum(-1), -(pi * log_pi).sum(-1)], dim=-1)
+
+    with torch.no_grad(), torch.autocast(policy_logits.device.type, enabled=False):
+        stats = _over_chunks(chunk, policy_logits, ref_logits, chunk_size=chunk_size, recompute=False)
+        return stats[..., 0], stats[..., 1]

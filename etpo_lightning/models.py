@@ -1,0 +1,59 @@
+"""Loading policies and tokenizers from a Hugging Face hub id, a local path, or the built-in tiny coder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+TINY_CODER = "tiny-sklearn-coder"
+"""Alias of the offline base model: built locally on first use (see ``etpo_lightning.tiny_coder``)."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn the ``tiny-sklearn-coder`` alias into its cache directory (building it if needed).
+
+    Any other string is returned unchanged for ``from_pretrained``: a local directory, or a
+    hub id that must already be in the local Hugging Face cache on machines without network.
+    """
+    if name_or_path == TINY_CODER:
+        from etpo_lightning.tiny_coder import ensure_tiny_coder
+
+        return str(ensure_tiny_coder())
+    return name_or_path
+
+
+def _friendly_oserror(name_or_path: str, err: OSError) -> OSError:
+    hint = (
+        f"could not load {name_or_path!r}: it is neither a local directory with a saved model "
+        f"nor a hub id available offline. Pass a local path, the alias {TINY_CODER!r}, or "
+        "download the checkpoint first."
+    )
+    if os.path.sep in name_or_path or name_or_path.startswith("."):
+        hint = f"could not load {name_or_path!r}: no saved model at that path ({Path(name_or_path).resolve()})"
+    return OSError(f"{hint}\n(underlying error: {err})")
+
+
+def load_causal_lm(name_or_path: str, torch_dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` with the alias resolved and a clear error."""
+    path = resolve_model_path(name_or_path)
+    kwargs = {} if torch_dtype is None else {"dtype": torch_dtype}
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise _friendly_oserror(name_or_path, err) from err
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer for ``name_or_path``, left-padding and with a pad token (EOS if none)."""
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise _friendly_oserror(name_or_path, err) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer

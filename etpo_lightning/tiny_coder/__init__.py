@@ -1,0 +1,1 @@
+"""etpo_lightning/tiny_coder"""

@@ -1,0 +1,193 @@
+"""ETPOModule with a real tiny LlamaForCausalLM and real Lightning Trainer runs."""
+
+import copy
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+from torch.utils.data import DataLoader, Dataset
+
+from etpo_lightning import ETPOModule, TokenQCritic, TransitionBatch
+from etpo_lightning.losses import policy_loss, soft_values
+from helpers import random_transition_batch, tiny_llama
+
+VOCAB = 64
+
+
+class FixedBatches(Dataset):
+    """The same transition batch again and again: a fixed regression problem for the losses."""
+
+    def __init__(self, batch: TransitionBatch, length: int):
+        self.batch, self.length = batch, length
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return self.batch
+
+
+def _loader(batch, length):
+    return DataLoader(FixedBatches(batch, length), batch_size=None, shuffle=False)
+
+
+def _trainer(tmp_path, max_steps, **kw):
+    return pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path, name="logs"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        **kw,
+    )
+
+
+def _module(**kw):
+    defaults = dict(beta=0.1, gamma=0.9, policy_lr=3e-3, critic_lr=3e-3, tau=0.05)
+    defaults.update(kw)
+    return ETPOModule(policy=tiny_llama(VOCAB, seed=0), **defaults)
+
+
+def _params(m):
+    return [p.detach().clone() for p in m.parameters()]
+
+
+def test_critic_is_a_copy_of_the_policy_and_targets_match_the_spec():
+    module = _module()
+    batch = random_transition_batch(VOCAB)
+    assert isinstance(module.critic, TokenQCritic)
+    # By default Q starts as the policy's logits (the paper's initialisation).
+    torch.testing.assert_close(module.action_outputs(module.critic, batch), module.action_outputs(module.policy, batch))
+    # Independent computation of V at action positions and of the targets, row by row.
+    with torch.no_grad():
+        out = module.etpo_losses(batch)
+        pi = module.action_outputs(module.policy, batch)
+        rho = module.action_outputs(module.reference, batch)
+        qt = module.action_outputs(module.target_critic, batch)
+        values = soft_values(qt, pi, rho, 0.1)
+    expected = []
+    for b in range(len(batch)):
+        n = int(batch.action_mask[b].sum())
+        for j in range(n):
+            last = batch.rewards[b] + 0.9 * (1 - batch.dones[b]) * batch.next_values[b]
+            expected.append(values[b, j + 1] if j + 1 < n else last)
+    assert out["target"].item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+
+
+def test_action_outputs_ignore_left_padding():
+    """Left-padded prompts with position ids from the mask give the unpadded logits."""
+    module = _module()
+    batch = random_transition_batch(VOCAB, batch=4, seed=3)
+    full = module.action_outputs(module.policy, batch)
+    for b in range(len(batch)):
+        p = batch.prompt_ids[b][batch.prompt_mask[b]][None]
+        a = batch.action_ids[b][batch.action_mask[b]][None]
+        single = TransitionBatch(
+            p, torch.ones_like(p, dtype=torch.bool), a, torch.ones_like(a, dtype=torch.bool),
+            batch.rewards[b : b + 1], batch.dones[b : b + 1], batch.next_values[b : b + 1],
+        )
+        n = a.shape[1]
+        torch.testing.assert_close(module.action_outputs(module.policy, single)[0], full[b, :n], atol=1e-5, rtol=1e-4)
+
+
+def test_one_step_polyak_reference_and_policy(tmp_path):
+    module = _module()
+    batch = random_transition_batch(VOCAB)
+    target_before, critic_before = _params(module.target_critic), _params(module.critic)
+    ref_before, policy_before = _params(module.reference), _params(module.policy)
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(module, _loader(batch, 10))
+    assert trainer.fit_loop.epoch_loop._batches_that_stepped == 1  # max_steps counts batches
+    assert trainer.global_step == 2  # ... and Lightning counts both optimizer steps
+    critic_after = _params(module.critic)
+    assert any((a - b).abs().max() > 0 for a, b in zip(critic_after, critic_before))
+    for t_before, t_after, c_after in zip(target_before, module.target_critic.parameters(), critic_after):
+        torch.testing.assert_close(t_after.detach(), t_before + 0.05 * (c_after - t_before), atol=1e-7, rtol=0)
+    for before, after in zip(ref_before, module.reference.parameters()):
+        assert torch.equal(before, after)
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(policy_before, module.policy.parameters()))
+    assert not module.reference.training and not module.target_critic.training
+    assert all(not p.requires_grad for p in module.reference.parameters())
+
+
+def test_losses_fall_on_a_fixed_batch_and_metrics_are_logged(tmp_path):
+    module = _module()
+    batch = random_transition_batch(VOCAB)
+    with torch.no_grad():
+        first = module.etpo_losses(batch)
+    trainer = _trainer(tmp_path, max_steps=30)
+    trainer.fit(module, _loader(batch, 100))
+    with torch.no_grad():
+        last = module.etpo_losses(batch)
+    assert last["q_loss"] < 0.5 * first["q_loss"]
+    assert last["policy_loss"] < first["policy_loss"]
+    import pandas as pd
+
+    logged = pd.read_csv(next((tmp_path / "logs").rglob("metrics.csv")))
+    for key in ["train/q_loss", "train/policy_loss", "train/kl", "train/entropy", "train/q_taken", "train/target"]:
+        col = logged[key].dropna()
+        assert len(col) == 30, key
+        assert col.notna().all()
+    # The policy moved away from rho, and the logged KL says so.
+    assert logged["train/kl"].dropna().iloc[-1] > logged["train/kl"].dropna().iloc[0] >= 0
+    assert logged["train/q_loss"].dropna().iloc[0] == pytest.approx(first["q_loss"].item(), rel=1e-4)
+
+
+def test_subclass_policy_loss_is_used(tmp_path):
+    class FrozenPolicyETPO(ETPOModule):
+        calls = 0
+
+        def compute_policy_loss(self, policy_logits, ref_logits, q, batch):
+            type(self).calls += 1
+            return 0.0 * policy_logits.sum()  # no gradient signal: the policy must not move
+
+    module = FrozenPolicyETPO(policy=tiny_llama(VOCAB), beta=0.1, policy_lr=1e-2, critic_lr=1e-2, weight_decay=0.0)
+    before = _params(module.policy)
+    _trainer(tmp_path, max_steps=3).fit(module, _loader(random_transition_batch(VOCAB), 10))
+    assert FrozenPolicyETPO.calls == 3
+    for a, b in zip(before, module.policy.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_nonfinite_loss_skips_the_step(tmp_path):
+    module = _module()
+    batch = random_transition_batch(VOCAB)
+    batch.rewards[0] = float("nan")
+    before = _params(module.policy) + _params(module.critic)
+    with pytest.warns(RuntimeWarning, match="non-finite ETPO loss"):
+        _trainer(tmp_path, max_steps=1, max_epochs=1).fit(module, _loader(batch, 3))
+    assert module.nonfinite_steps == 3
+    for a, b in zip(before, list(module.policy.parameters()) + list(module.critic.parameters())):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(beta=0.0), "beta must be > 0"), (dict(tau=0.0), "tau"), (dict(gamma=1.5), "gamma")],
+)
+def test_bad_hyperparameters_name_the_setting(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ETPOModule(policy=tiny_llama(VOCAB), **kwargs)
+
+
+def test_zero_head_critic_starts_at_zero():
+    module = _module(critic_head_init="zero")
+    q = module.action_outputs(module.critic, random_transition_batch(VOCAB))
+    assert torch.count_nonzero(q) == 0
+    # The policy's own head is untouched.
+    assert module.policy.get_output_embeddings().weight.abs().sum() > 0
+
+
+def test_policy_loss_gradient_matches_functional_core():
+    module = _module()
+    batch = random_transition_batch(VOCAB)
+    out = module.etpo_losses(batch)
+    logits = module.action_outputs(module.policy, batch)
+    ref = module.action_outputs(module.reference, batch)
+    q = module.action_outputs(module.critic, batch)
+    want = policy_loss(logits, ref, q, batch.action_mask, 0.1)
+    assert out["policy_loss"].item() == pytest.approx(want.item(), rel=1e-6)
+    copy.deepcopy(module)  # modules must stay deep-copyable (checkpoint callbacks, EMA tools)
