@@ -50,6 +50,9 @@ class TransitionBatch:
     dones: Tensor  # [B] float32 (1.0 = episode ended)
     next_values: Tensor  # [B] float32
     old_logprobs: Tensor | None = field(default=None)  # [B, L] float32, 0 at padding
+    # Statistics of the rollout collection this batch was drawn from (rollout/reward_mean, ...),
+    # carried with the batch so the module can log them under any strategy.
+    rollout_stats: dict[str, float] | None = field(default=None)
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]

@@ -268,9 +268,20 @@ class ETPOModule(pl.LightningModule):
         self.update_target_critic()
         opt_policy.step()
 
-        self.log_dict({f"train/{k}": v.detach().float() for k, v in out.items()}, batch_size=len(batch))
-        self.log("train/reward", batch.rewards.float().mean(), batch_size=len(batch))
+        self.log_training_metrics(out, batch)
         return loss.detach()
+
+    # Shown in the progress bar; everything else goes to the loggers only.
+    progress_bar_metrics = ("train/kl", "rollout/reward_mean")
+
+    def log_training_metrics(self, out: dict[str, Tensor], batch: TransitionBatch) -> None:
+        """Log the step's losses and statistics as ``train/*`` and the batch's rollout stats."""
+        metrics = {f"train/{k}": v.detach().float() for k, v in out.items()}
+        metrics["train/reward"] = batch.rewards.float().mean()
+        metrics.update(batch.rollout_stats or {})
+        for key, value in metrics.items():
+            self.log(key, value, batch_size=len(batch), prog_bar=key in self.progress_bar_metrics,
+                     sync_dist=key.startswith("rollout/"))
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         module_name, _, class_name = self.hparams.optimizer.rpartition(".")

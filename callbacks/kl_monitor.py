@@ -1,0 +1,158 @@
+"""Exact KL(pi || rho), entropy on fresh rollouts, and held-out perplexity, with an optional KL guard."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from torchmetrics.text import Perplexity
+
+from etpo_lightning.batch import TransitionBatch
+from etpo_lightning.losses import kl_and_entropy
+from etpo_lightning.models import TINY_CODER, resolve_model_path
+
+
+def read_heldout(path: str | Path) -> list[str]:
+    """Held-out texts: a ``.jsonl`` file with one ``{"text": ...}`` object per line."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+class KLMonitor(pl.Callback):
+    """After every fresh rollout collection, log the exact per-token KL(pi || rho) and entropy
+    of the policy on the sampled actions (``monitor/kl``, ``monitor/entropy``) and the
+    policy's perplexity on a held-out corpus (``monitor/perplexity``, torchmetrics).
+
+    When ``kl_threshold`` is set and the KL passes it, ``on_threshold`` decides: ``warn``;
+    ``stop`` (ends fit); ``adapt_beta`` (multiplies the module's ``beta`` by
+    ``1 + adapt_rate * clip(KL / target_kl - 1, -0.2, 0.2)`` after every collection, the
+    adaptive KL controller of RLHF, steering KL towards ``target_kl``).
+
+    Args:
+        heldout_path: ``.jsonl`` held-out texts; default the ``heldout.jsonl`` saved next to
+            the tiny coder (nothing for other models).
+        heldout_max_texts: Held-out texts used per evaluation.
+        max_length: Tokens per held-out text.
+        batch_size: Texts or transitions per forward pass.
+        kl_threshold: KL (nats per token) that triggers ``on_threshold``; None disables it.
+        on_threshold: ``warn``, ``stop`` or ``adapt_beta``.
+        target_kl: Target of ``adapt_beta`` (default ``kl_threshold``).
+        adapt_rate: Step size of ``adapt_beta``.
+    """
+
+    def __init__(
+        self,
+        heldout_path: str | None = None,
+        heldout_max_texts: int = 64,
+        max_length: int = 256,
+        batch_size: int = 8,
+        kl_threshold: float | None = None,
+        on_threshold: Literal["warn", "stop", "adapt_beta"] = "warn",
+        target_kl: float | None = None,
+        adapt_rate: float = 0.1,
+    ) -> None:
+        if on_threshold not in ("warn", "stop", "adapt_beta"):
+            raise ValueError(f"on_threshold must be 'warn', 'stop' or 'adapt_beta', got {on_threshold!r}")
+        self.heldout_path = heldout_path
+        self.heldout_max_texts = heldout_max_texts
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.kl_threshold = kl_threshold
+        self.on_threshold = on_threshold
+        self.target_kl = target_kl if target_kl is not None else kl_threshold
+        self.adapt_rate = adapt_rate
+        self._seen_collections = -1
+        self._heldout: list[str] | None = None
+        self.beta: float | None = None  # the adapted beta, restored on resume
+        self.last: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- inputs
+    def _heldout_texts(self, pl_module: pl.LightningModule) -> list[str]:
+        if self._heldout is None:
+            path = self.heldout_path
+            if path is None and getattr(pl_module.hparams, "model_name_or_path", None) == TINY_CODER:
+                candidate = Path(resolve_model_path(TINY_CODER)) / "heldout.jsonl"
+                path = str(candidate) if candidate.exists() else None
+            self._heldout = read_heldout(path)[: self.heldout_max_texts] if path else []
+        return self._heldout
+
+    @torch.no_grad()
+    def rollout_kl_entropy(self, pl_module: pl.LightningModule, transitions: list, pad_id: int) -> tuple[float, float]:
+        """Mean exact per-token KL(pi||rho) and entropy of pi over the transitions' action tokens."""
+        kl_sum = ent_sum = tokens = 0.0
+        for start in range(0, len(transitions), self.batch_size):
+            batch = TransitionBatch.collate(transitions[start:start + self.batch_size], pad_id).to(pl_module.device)
+            kl, ent = kl_and_entropy(pl_module.action_outputs(pl_module.policy, batch),
+                                     pl_module.action_outputs(pl_module.reference, batch))
+            mask = batch.action_mask.float()
+            kl_sum += float((kl * mask).sum())
+            ent_sum += float((ent * mask).sum())
+            tokens += float(mask.sum())
+        return kl_sum / max(tokens, 1.0), ent_sum / max(tokens, 1.0)
+
+    @torch.no_grad()
+    def heldout_perplexity(self, pl_module: pl.LightningModule, tokenizer: Any) -> float:
+        """Perplexity of the policy on the held-out texts (padding ignored)."""
+        texts = self._heldout_texts(pl_module)
+        if not texts:
+            return math.nan
+        metric = Perplexity(ignore_index=-100).to(pl_module.device)
+        policy = pl_module.policy
+        was_training = policy.training
+        policy.eval()
+        try:
+            for start in range(0, len(texts), self.batch_size):
+                enc = tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
+                                truncation=True, max_length=self.max_length).to(pl_module.device)
+                mask = enc["attention_mask"]
+                position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+                logits = policy(input_ids=enc["input_ids"], attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+                targets = enc["input_ids"][:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+                metric.update(logits[:, :-1].float(), targets)
+        finally:
+            policy.train(was_training)
+        return float(metric.compute())
+
+    # ----------------------------------------------------------------- hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.beta is not None:  # resumed with an adapted beta
+            pl_module.hparams.beta = self.beta
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        dm = trainer.datamodule
+        if dm is None or not getattr(dm, "replay", None) or dm.collections == self._seen_collections:
+            return
+        self._seen_collections = dm.collections
+        kl, entropy = self.rollout_kl_entropy(pl_module, dm.replay[-1], dm.tokenizer.pad_token_id)
+        self.last = {"monitor/kl": kl, "monitor/entropy": entropy,
+                     "monitor/perplexity": self.heldout_perplexity(pl_module, dm.tokenizer)}
+        self._guard(trainer, pl_module, kl)
+        self.last["monitor/beta"] = float(pl_module.hparams.beta)
+        pl_module.log_dict(self.last, prog_bar=False)
+
+    def _guard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, kl: float) -> None:
+        if self.kl_threshold is None:
+            return
+        if self.on_threshold == "adapt_beta":
+            error = max(-0.2, min(0.2, kl / self.target_kl - 1.0))
+            pl_module.hparams.beta = float(pl_module.hparams.beta) * (1.0 + self.adapt_rate * error)
+            self.beta = pl_module.hparams.beta
+        elif kl > self.kl_threshold:
+            message = f"KL(pi||rho) = {kl:.4f} nats/token passed kl_threshold={self.kl_threshold}"
+            if self.on_threshold == "stop":
+                warnings.warn(message + ": stopping fit", RuntimeWarning, stacklevel=2)
+                trainer.should_stop = True
+            else:
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"beta": self.beta, "seen_collections": self._seen_collections}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.beta = state_dict.get("beta")
+        self._seen_collections = state_dict.get("seen_collections", -1)
