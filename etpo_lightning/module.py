@@ -10,11 +10,8 @@ Four networks:
 from __future__ import annotations
 
 import copy
-import importlib
-import warnings
-from typing import Any, Literal
+from typing import Literal
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
@@ -28,15 +25,10 @@ from etpo_lightning.losses import (
     soft_bellman_targets,
     soft_values,
 )
-from etpo_lightning.models import load_causal_lm
+from etpo_lightning.rl_module import TokenRLModule, frozen
 
 
-def _frozen(module: nn.Module) -> nn.Module:
-    module.requires_grad_(False)
-    return module.eval()
-
-
-class ETPOModule(pl.LightningModule):
+class ETPOModule(TokenRLModule):
     """Entropy-Regularized Token-level Policy Optimization (arXiv 2402.06700).
 
     Each training batch is a ``TransitionBatch``; each training step makes one critic
@@ -69,8 +61,6 @@ class ETPOModule(pl.LightningModule):
         reference: An already built reference policy; default a frozen copy of the policy.
     """
 
-    optimizer_steps_per_batch = 2
-
     def __init__(
         self,
         model_name_or_path: str = "tiny-sklearn-coder",
@@ -89,102 +79,38 @@ class ETPOModule(pl.LightningModule):
         critic: nn.Module | None = None,
         reference: nn.Module | None = None,
     ) -> None:
-        super().__init__()
         if not beta > 0:
             raise ValueError(f"beta must be > 0 (the KL coefficient), got beta={beta}")
         if not 0 <= gamma <= 1:
             raise ValueError(f"gamma must be in [0, 1], got gamma={gamma}")
         if not 0 < tau <= 1:
             raise ValueError(f"tau must be in (0, 1], got tau={tau}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got chunk_size={chunk_size}")
-        self.save_hyperparameters(ignore=["policy", "critic", "reference"])
-        self.automatic_optimization = False
-        self.policy: nn.Module | None = None
-        self.critic: nn.Module | None = None
+        if critic_head_init not in ("copy", "zero"):
+            raise ValueError(f"critic_head_init must be 'copy' or 'zero', got {critic_head_init!r}")
         self.target_critic: nn.Module | None = None
-        self.reference: nn.Module | None = None
-        self.nonfinite_steps = 0
-        if policy is not None:
-            self._attach_models(policy, critic, reference)
-        elif critic is not None or reference is not None:
-            raise ValueError("pass `policy` too when injecting `critic` or `reference`")
+        super().__init__(model_name_or_path, policy_lr, critic_lr, gradient_clip_val, optimizer,
+                         weight_decay, chunk_size, policy, critic, reference)
 
     # ------------------------------------------------------------------ models
     def build_critic(self, policy: nn.Module) -> nn.Module:
         """The critic when none is injected: a token Q-head on a copy of the policy LM."""
         return TokenQCritic.from_policy(policy, head_init=self.hparams.critic_head_init)
 
-    def build_reference(self, policy: nn.Module) -> nn.Module:
-        """The reference rho when none is injected: a copy of the initial policy."""
-        return copy.deepcopy(policy)
+    def attach_models(self, policy: nn.Module, critic: nn.Module | None, reference: nn.Module | None) -> None:
+        super().attach_models(policy, critic, reference)
+        self.target_critic = frozen(copy.deepcopy(self.critic))
 
-    def _attach_models(self, policy: nn.Module, critic: nn.Module | None, reference: nn.Module | None) -> None:
-        self.policy = policy.train()  # from_pretrained returns eval-mode models
-        self.reference = _frozen(reference if reference is not None else self.build_reference(policy))
-        self.critic = (critic if critic is not None else self.build_critic(policy)).train()
-        self.target_critic = _frozen(copy.deepcopy(self.critic))
-
-    def configure_model(self) -> None:
-        """Load the policy from ``model_name_or_path`` unless models were injected (idempotent)."""
-        if self.policy is None:
-            self._attach_models(load_causal_lm(self.hparams.model_name_or_path), None, None)
-
-    def train(self, mode: bool = True) -> ETPOModule:
-        # Lightning switches the whole module to train mode at fit start; rho and the
-        # target critic are constants of the objective and must never run with dropout.
-        super().train(mode)
-        for frozen in (self.reference, self.target_critic):
-            if frozen is not None:
-                frozen.eval()
-        return self
-
-    # ------------------------------------------------------------- forwards
-    @staticmethod
-    def model_inputs(prompt_ids: Tensor, prompt_mask: Tensor, action_ids: Tensor | None = None, action_mask: Tensor | None = None) -> dict[str, Tensor]:
-        """Inputs of a causal LM over [left-padded prompt | right-padded action].
-
-        Position ids count only real tokens, so a left-padded prompt sees the same
-        positions as the unpadded one. The last action column is dropped: no prediction
-        is made from it.
-        """
-        if action_ids is None:
-            input_ids, mask = prompt_ids, prompt_mask
-        else:
-            input_ids = torch.cat([prompt_ids, action_ids[:, :-1]], dim=1)
-            mask = torch.cat([prompt_mask, action_mask[:, :-1]], dim=1)
-        mask = mask.long()
-        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-        return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
-
-    @staticmethod
-    def _logits(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
-        out = model(**inputs) if isinstance(model, TokenQCritic) else model(**inputs, use_cache=False)
-        return out if isinstance(out, Tensor) else out.logits
-
-    def action_outputs(self, model: nn.Module, batch: TransitionBatch) -> Tensor:
-        """``model``'s outputs ``[B, L, V]`` at the histories h_j where action token j is chosen."""
-        inputs = self.model_inputs(batch.prompt_ids, batch.prompt_mask, batch.action_ids, batch.action_mask)
-        prompt_len = batch.prompt_ids.shape[1]
-        return self._logits(model, inputs)[:, prompt_len - 1 :]
+    def frozen_modules(self) -> list[nn.Module]:
+        return super().frozen_modules() + [m for m in (self.target_critic,) if m is not None]
 
     @torch.no_grad()
-    def prompt_soft_values(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
-        """V(s) ``[B]`` at the first position of an observation (where its first action token
-        is chosen): the ``next_values`` of the transitions that lead to it."""
-        inputs = self.model_inputs(prompt_ids, prompt_mask)
-        last = slice(prompt_ids.shape[1] - 1, prompt_ids.shape[1])
-        q = self._logits(self.target_critic, inputs)[:, last]
-        pi = self._logits(self.policy, inputs)[:, last]
-        rho = self._logits(self.reference, inputs)[:, last]
-        return soft_values(q, pi, rho, self.hparams.beta, self.hparams.chunk_size)[:, 0]
-
-    @torch.no_grad()
-    def action_logprobs(self, batch: TransitionBatch) -> Tensor:
-        """log pi(w_j | h_j) ``[B, L]`` of the taken tokens (0 at padding)."""
-        logp = torch.log_softmax(self.action_outputs(self.policy, batch).float(), dim=-1)
-        taken = logp.gather(-1, batch.action_ids.unsqueeze(-1)).squeeze(-1)
-        return taken * batch.action_mask
+    def bootstrap_values(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+        """V(s) ``[B]`` at the first position of observations: the soft value with the target
+        critic, the policy and rho, stored as ``next_values`` at rollout time."""
+        q = self.prompt_outputs(self.target_critic, prompt_ids, prompt_mask)
+        pi = self.prompt_outputs(self.policy, prompt_ids, prompt_mask)
+        rho = self.prompt_outputs(self.reference, prompt_ids, prompt_mask)
+        return soft_values(q, pi, rho, self.hparams.beta, self.hparams.chunk_size)
 
     # ------------------------------------------------- overridable ETPO parts
     def compute_targets(self, values: Tensor, batch: TransitionBatch) -> Tensor:
@@ -208,9 +134,12 @@ class ETPOModule(pl.LightningModule):
         for target, online in zip(self.target_critic.parameters(), self.critic.parameters(), strict=True):
             target.lerp_(online.detach().to(target.dtype), tau)
 
+    def after_optimizer_steps(self) -> None:
+        self.update_target_critic()
+
     # ------------------------------------------------------------ training
-    def etpo_losses(self, batch: TransitionBatch) -> dict[str, Tensor]:
-        """Forward all four networks on ``batch`` and return the losses and statistics."""
+    def compute_losses(self, batch: TransitionBatch) -> dict[str, Tensor]:
+        """Forward all four networks on ``batch``; the two losses and the statistics to log."""
         policy_logits = self.action_outputs(self.policy, batch)
         q = self.action_outputs(self.critic, batch)
         with torch.no_grad():
@@ -235,82 +164,3 @@ class ETPOModule(pl.LightningModule):
                 value=(values.float() * mask).sum() / n,
             )
         return out
-
-    def training_step(self, batch: TransitionBatch, batch_idx: int) -> Tensor:
-        opt_policy, opt_critic = self.optimizers()
-        out = self.etpo_losses(batch)
-        loss = out["q_loss"] + out["policy_loss"]
-
-        finite = bool(torch.isfinite(loss.detach()).item())
-        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
-            # A non-finite loss on any rank would poison the weights on every rank: skip.
-            self.nonfinite_steps += 1
-            warnings.warn(
-                f"non-finite ETPO loss at batch {batch_idx} (q_loss={out['q_loss'].item()}, "
-                f"policy_loss={out['policy_loss'].item()}); step skipped "
-                f"({self.nonfinite_steps} so far)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            self.log("train/nonfinite_steps", float(self.nonfinite_steps))
-            return loss.detach()
-
-        opt_policy.zero_grad(set_to_none=True)
-        opt_critic.zero_grad(set_to_none=True)
-        # One backward of the sum: the two losses touch disjoint parameters, and a single
-        # backward keeps DDP's gradient buckets in sync across ranks.
-        self.manual_backward(loss)
-        clip = self.hparams.gradient_clip_val
-        if clip:
-            self.clip_gradients(opt_critic, gradient_clip_val=clip, gradient_clip_algorithm="norm")
-            self.clip_gradients(opt_policy, gradient_clip_val=clip, gradient_clip_algorithm="norm")
-        opt_critic.step()
-        self.update_target_critic()
-        opt_policy.step()
-
-        self.log_training_metrics(out, batch)
-        return loss.detach()
-
-    # Shown in the progress bar; everything else goes to the loggers only.
-    progress_bar_metrics = ("train/kl", "rollout/reward_mean")
-
-    def log_training_metrics(self, out: dict[str, Tensor], batch: TransitionBatch) -> None:
-        """Log the step's losses and statistics as ``train/*`` and the batch's rollout stats."""
-        metrics = {f"train/{k}": v.detach().float() for k, v in out.items()}
-        metrics["train/reward"] = batch.rewards.float().mean()
-        metrics.update(batch.rollout_stats or {})
-        for key, value in metrics.items():
-            self.log(key, value, batch_size=len(batch), prog_bar=key in self.progress_bar_metrics,
-                     sync_dist=key.startswith("rollout/"))
-
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        module_name, _, class_name = self.hparams.optimizer.rpartition(".")
-        try:
-            optimizer_cls = getattr(importlib.import_module(module_name or "torch.optim"), class_name)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"optimizer={self.hparams.optimizer!r} is not an importable optimizer class") from err
-        decay = self.hparams.weight_decay
-
-        def trainable(m: nn.Module) -> list[nn.Parameter]:
-            return [p for p in m.parameters() if p.requires_grad]
-
-        return [
-            optimizer_cls(trainable(self.policy), lr=self.hparams.policy_lr, weight_decay=decay),
-            optimizer_cls(trainable(self.critic), lr=self.hparams.critic_lr, weight_decay=decay),
-        ]
-
-    def on_fit_start(self) -> None:
-        # rho and the target critic are in eval mode on purpose; Lightning's generic
-        # "modules in eval mode" warning would only confuse users about them.
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        # Make Trainer(max_steps=N) mean N batches (see the class docstring).
-        loop = self.trainer.fit_loop.epoch_loop
-        if loop.max_steps > 0 and not getattr(loop, "_etpo_steps_scaled", False):
-            loop.max_steps *= self.optimizer_steps_per_batch
-            loop._etpo_steps_scaled = True
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["etpo_nonfinite_steps"] = self.nonfinite_steps
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.nonfinite_steps = checkpoint.get("etpo_nonfinite_steps", 0)

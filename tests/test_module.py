@@ -63,7 +63,7 @@ def test_critic_is_a_copy_of_the_policy_and_targets_match_the_spec():
     torch.testing.assert_close(module.action_outputs(module.critic, batch), module.action_outputs(module.policy, batch))
     # Independent computation of V at action positions and of the targets, row by row.
     with torch.no_grad():
-        out = module.etpo_losses(batch)
+        out = module.compute_losses(batch)
         pi = module.action_outputs(module.policy, batch)
         rho = module.action_outputs(module.reference, batch)
         qt = module.action_outputs(module.target_critic, batch)
@@ -117,11 +117,11 @@ def test_losses_fall_on_a_fixed_batch_and_metrics_are_logged(tmp_path):
     module = _module()
     batch = random_transition_batch(VOCAB)
     with torch.no_grad():
-        first = module.etpo_losses(batch)
+        first = module.compute_losses(batch)
     trainer = _trainer(tmp_path, max_steps=30)
     trainer.fit(module, _loader(batch, 100))
     with torch.no_grad():
-        last = module.etpo_losses(batch)
+        last = module.compute_losses(batch)
     assert last["q_loss"] < 0.5 * first["q_loss"]
     assert last["policy_loss"] < first["policy_loss"]
     import pandas as pd
@@ -157,7 +157,7 @@ def test_nonfinite_loss_skips_the_step(tmp_path):
     batch = random_transition_batch(VOCAB)
     batch.rewards[0] = float("nan")
     before = _params(module.policy) + _params(module.critic)
-    with pytest.warns(RuntimeWarning, match="non-finite ETPO loss"):
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
         _trainer(tmp_path, max_steps=1, max_epochs=1).fit(module, _loader(batch, 3))
     assert module.nonfinite_steps == 3
     for a, b in zip(before, list(module.policy.parameters()) + list(module.critic.parameters())):
@@ -184,7 +184,7 @@ def test_zero_head_critic_starts_at_zero():
 def test_policy_loss_gradient_matches_functional_core():
     module = _module()
     batch = random_transition_batch(VOCAB)
-    out = module.etpo_losses(batch)
+    out = module.compute_losses(batch)
     logits = module.action_outputs(module.policy, batch)
     ref = module.action_outputs(module.reference, batch)
     q = module.action_outputs(module.critic, batch)
