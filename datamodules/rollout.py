@@ -1,0 +1,302 @@
+"""``RolloutDataModule``: the current policy acts in N environments; the transitions feed training."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import random
+import warnings
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from etpo_lightning.batch import Transition, TransitionBatch
+from etpo_lightning.envs import TextEnv, VectorEnv
+from etpo_lightning.models import load_tokenizer
+
+
+class _RolloutStream(IterableDataset):
+    """One epoch = ``batches_per_epoch`` batches drawn from the datamodule's replay buffer."""
+
+    def __init__(self, datamodule: RolloutDataModule) -> None:
+        self.datamodule = datamodule
+
+    def __iter__(self) -> Iterator[TransitionBatch]:
+        dm = self.datamodule
+        if dm.refresh_on_epoch:
+            dm.request_refresh()
+        for _ in range(dm.batches_per_epoch):
+            yield dm.next_batch()
+
+
+class RolloutDataModule(pl.LightningDataModule):
+    """Runs ``num_envs`` text environments with the attached module's policy and serves
+    ``TransitionBatch``es.
+
+    A *collection* runs every environment for ``rollout_steps`` steps with the current
+    policy (Hugging Face ``generate``, KV cache on, sampling as configured); episodes
+    continue across collections (an environment mid-episode keeps its state). The last
+    ``replay_collections`` collections are kept, as token ids and a few scalars per
+    transition (no full-vocabulary tensor), and batches are sampled from them. A new
+    collection starts at every epoch (``refresh_on_epoch``) or whenever
+    ``request_refresh()`` is called (the ``RolloutRefresh`` callback does so every N steps).
+
+    Prompts longer than ``max_prompt_tokens`` keep their LAST ``max_prompt_tokens`` tokens:
+    the end of an observation (the function to complete) is what the policy continues;
+    the oldest context goes first. Prompts are left-padded for generation; actions are
+    the generated tokens up to and including the first EOS (no EOS if ``max_new_tokens``
+    ran out), right-padded in batches.
+
+    Under DDP every rank runs its own environments with the seed ``seed + 1000 * rank``.
+
+    Args:
+        env: The environment; each of the ``num_envs`` environments is a deep copy of it.
+        tokenizer: Hub id, local path or the alias ``tiny-sklearn-coder`` of the policy's
+            tokenizer (linked to the module's ``model_name_or_path`` by the CLI), or a
+            tokenizer object.
+        num_envs: Environments run in parallel (per rank).
+        env_workers: Processes that step the environments (0: in this process). Slow
+            environments (code execution) overlap when > 0.
+        rollout_steps: Steps of every environment per collection.
+        batch_size: Transitions per training batch.
+        batches_per_epoch: Training batches per epoch; default one pass over a collection.
+        replay_collections: Collections kept and sampled from (1: the latest only).
+        max_prompt_tokens: Longest prompt fed to the policy (see the truncation rule above).
+        max_new_tokens: Longest action.
+        temperature: Sampling temperature of ``generate``.
+        top_k: Top-k sampling (0 disables it).
+        top_p: Nucleus sampling (1.0 disables it).
+        generation_batch_size: Prompts per ``generate`` call (bounds generation memory).
+        step_timeout_s: Seconds an environment step may take before its worker is replaced.
+        seed: Seed of environments and sampling.
+    """
+
+    def __init__(
+        self,
+        env: TextEnv,
+        tokenizer: str | PreTrainedTokenizerBase = "tiny-sklearn-coder",
+        num_envs: int = 4,
+        env_workers: int = 0,
+        rollout_steps: int = 1,
+        batch_size: int = 4,
+        batches_per_epoch: int | None = None,
+        replay_collections: int = 1,
+        max_prompt_tokens: int = 512,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generation_batch_size: int = 16,
+        step_timeout_s: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in dict(num_envs=num_envs, rollout_steps=rollout_steps, batch_size=batch_size,
+                                replay_collections=replay_collections, max_new_tokens=max_new_tokens,
+                                max_prompt_tokens=max_prompt_tokens, generation_batch_size=generation_batch_size).items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {name}={value}")
+        if batch_size > num_envs * rollout_steps * replay_collections:
+            raise ValueError(
+                f"batch_size={batch_size} is larger than the rollout it is drawn from "
+                f"(num_envs * rollout_steps * replay_collections = {num_envs * rollout_steps * replay_collections})"
+            )
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got temperature={temperature}")
+        self.save_hyperparameters(ignore=["env", "tokenizer"])
+        self.env = env
+        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+        self.batches_per_epoch = batches_per_epoch or max(1, num_envs * rollout_steps // batch_size)
+        self.refresh_on_epoch = True
+        self.vector_env: VectorEnv | None = None
+        self.replay: deque[list[Transition]] = deque(maxlen=replay_collections)
+        self.latest_stats: dict[str, float] = {}
+        self.best_action: str | None = None
+        self.best_reward = float("-inf")
+        self.collections = 0
+        self.env_steps = 0
+        self.episodes_finished = 0
+        self._observations: list[str] | None = None
+        self._episode_lengths = [0] * num_envs
+        self._refresh_requested = True
+        self._sample_rng = random.Random(seed)
+
+    # ---------------------------------------------------------------- setup
+    @property
+    def rank_seed(self) -> int:
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        return self.hparams.seed + 1000 * rank
+
+    def setup(self, stage: str) -> None:
+        if self.vector_env is None:
+            fns = [functools.partial(copy.deepcopy, self.env) for _ in range(self.hparams.num_envs)]
+            self.vector_env = VectorEnv(fns, num_workers=self.hparams.env_workers, seed=self.rank_seed,
+                                        step_timeout_s=self.hparams.step_timeout_s)
+            self._sample_rng.seed(self.rank_seed)
+
+    def teardown(self, stage: str) -> None:
+        if self.vector_env is not None:
+            self.vector_env.close()
+            self.vector_env = None
+            self._observations = None
+
+    def train_dataloader(self) -> DataLoader:
+        # Generation needs the policy on its device: batches are made in this process.
+        return DataLoader(_RolloutStream(self), batch_size=None, num_workers=0)
+
+    # -------------------------------------------------------------- batches
+    def request_refresh(self) -> None:
+        """The next batch will come from a fresh collection with the current policy."""
+        self._refresh_requested = True
+
+    def next_batch(self) -> TransitionBatch:
+        if self._refresh_requested or not self.replay:
+            self.collect(self.trainer.lightning_module)
+            self._refresh_requested = False
+        pool = [t for collection in self.replay for t in collection]
+        chosen = self._sample_rng.sample(pool, self.hparams.batch_size)
+        batch = TransitionBatch.collate(chosen, self.tokenizer.pad_token_id)
+        batch.rollout_stats = dict(self.latest_stats)
+        return batch
+
+    # --------------------------------------------------------------- rollout
+    def encode_prompts(self, texts: list[str]) -> list[Tensor]:
+        limit = self.hparams.max_prompt_tokens
+        ids = []
+        for text in texts:
+            tokens = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(tokens) > limit:
+                warnings.warn(f"prompt of {len(tokens)} tokens truncated to its last {limit}", stacklevel=2)
+                tokens = tokens[-limit:]
+            ids.append(torch.tensor(tokens, dtype=torch.long))
+        return ids
+
+    def _pad_left(self, prompts: list[Tensor], device: torch.device) -> tuple[Tensor, Tensor]:
+        width = max(p.numel() for p in prompts)
+        ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            ids[i, width - p.numel():], mask[i, width - p.numel():] = p, True
+        return ids.to(device), mask.to(device)
+
+    @torch.no_grad()
+    def generate(self, module: pl.LightningModule, prompts: list[Tensor]) -> list[Tensor]:
+        """Sample one action per prompt with the module's policy (up to and including EOS)."""
+        hp, policy = self.hparams, module.policy
+        was_training = policy.training
+        policy.eval()
+        eos = self.tokenizer.eos_token_id
+        actions: list[Tensor] = []
+        try:
+            for start in range(0, len(prompts), hp.generation_batch_size):
+                ids, mask = self._pad_left(prompts[start:start + hp.generation_batch_size], module.device)
+                out = policy.generate(
+                    input_ids=ids, attention_mask=mask.long(), do_sample=True, temperature=hp.temperature,
+                    top_k=hp.top_k or None, top_p=hp.top_p, max_new_tokens=hp.max_new_tokens,
+                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos, use_cache=True,
+                )
+                for row in out[:, ids.shape[1]:].cpu():
+                    ends = (row == eos).nonzero()
+                    actions.append(row[: int(ends[0]) + 1] if len(ends) else row)
+        finally:
+            policy.train(was_training)
+        return actions
+
+    def decode_action(self, action_ids: Tensor) -> str:
+        return self.tokenizer.decode(action_ids, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def collect(self, module: pl.LightningModule) -> list[Transition]:
+        """Run every environment ``rollout_steps`` steps with the current policy."""
+        venv, hp = self.vector_env, self.hparams
+        if self._observations is None:
+            self._observations = venv.reset()
+        transitions: list[Transition] = []
+        rewards, successes, errors, finished_lengths = [], [], [], []
+        steps = tqdm(range(hp.rollout_steps), desc="rollout", leave=False, disable=hp.rollout_steps < 2)
+        for _ in steps:
+            prompts = self.encode_prompts(self._observations)
+            actions = self.generate(module, prompts)
+            texts = [self.decode_action(a) for a in actions]
+            next_obs, step_rewards, dones, infos = venv.step(texts)
+            next_prompts = self.encode_prompts(next_obs)
+            next_values = self._next_values(module, next_prompts, dones)
+            for i in range(hp.num_envs):
+                transitions.append(Transition(prompts[i], actions[i], float(step_rewards[i]), bool(dones[i]), float(next_values[i])))
+                self._episode_lengths[i] += 1
+                if dones[i]:
+                    finished_lengths.append(self._episode_lengths[i])
+                    self._episode_lengths[i] = 0
+                if step_rewards[i] > self.best_reward:
+                    self.best_reward, self.best_action = float(step_rewards[i]), texts[i]
+                successes.append(bool(infos[i].get("success", False)))
+                errors.append(infos[i].get("error") is not None)
+            rewards.extend(float(r) for r in step_rewards)
+            self._observations = next_obs
+        self._attach_logprobs(module, transitions)
+        self.replay.append(transitions)
+        self.collections += 1
+        self.env_steps += len(transitions)
+        self.episodes_finished += len(finished_lengths)
+        self.latest_stats = {
+            "rollout/reward_mean": sum(rewards) / len(rewards),
+            "rollout/reward_max": max(rewards),
+            "rollout/success_rate": sum(successes) / len(successes),
+            "rollout/error_rate": sum(errors) / len(errors),
+            "rollout/episode_len": (sum(finished_lengths) / len(finished_lengths)) if finished_lengths else float("nan"),
+            "rollout/action_tokens": sum(t.action_ids.numel() for t in transitions) / len(transitions),
+            "rollout/best_reward": self.best_reward,
+            "rollout/env_steps": float(self.env_steps),
+        }
+        return transitions
+
+    def _next_values(self, module: pl.LightningModule, next_prompts: list[Tensor], dones: list[bool]) -> list[float]:
+        """V(s') at the first position of each next observation; 0 where the episode ended."""
+        values = [0.0] * len(next_prompts)
+        live = [i for i, d in enumerate(dones) if not d]
+        for start in range(0, len(live), self.hparams.generation_batch_size):
+            chunk = live[start:start + self.hparams.generation_batch_size]
+            ids, mask = self._pad_left([next_prompts[i] for i in chunk], module.device)
+            for i, v in zip(chunk, module.bootstrap_values(ids, mask).tolist()):
+                values[i] = v
+        return values
+
+    def _attach_logprobs(self, module: pl.LightningModule, transitions: list[Transition]) -> None:
+        """log pi(w_j|h_j) of every sampled token under the policy that sampled it (4 bytes a token)."""
+        size = self.hparams.generation_batch_size
+        for start in range(0, len(transitions), size):
+            chunk = transitions[start:start + size]
+            batch = TransitionBatch.collate(chunk, self.tokenizer.pad_token_id).to(module.device)
+            logprobs = module.action_logprobs(batch).cpu()
+            for t, row in zip(chunk, logprobs):
+                t.logprobs = row[: t.action_ids.numel()].clone()
+
+    # ----------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, the best action and the replay contents (environments restart their episode)."""
+        return {
+            "replay": [list(c) for c in self.replay],
+            "best_action": self.best_action,
+            "best_reward": self.best_reward,
+            "collections": self.collections,
+            "env_steps": self.env_steps,
+            "episodes_finished": self.episodes_finished,
+            "latest_stats": self.latest_stats,
+            "sample_rng": self._sample_rng.getstate(),
+            "refresh_requested": self._refresh_requested,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.replay = deque(state["replay"], maxlen=self.hparams.replay_collections)
+        self.best_action, self.best_reward = state["best_action"], state["best_reward"]
+        self.collections, self.env_steps = state["collections"], state["env_steps"]
+        self.episodes_finished, self.latest_stats = state["episodes_finished"], state["latest_stats"]
+        self._sample_rng.setstate(state["sample_rng"])
+        self._refresh_requested = state["refresh_requested"]
