@@ -14,7 +14,6 @@ from torchmetrics.text import Perplexity
 
 from etpo_lightning.batch import TransitionBatch
 from etpo_lightning.losses import kl_and_entropy
-from etpo_lightning.models import TINY_CODER, resolve_model_path
 
 
 def read_heldout(path: str | Path) -> list[str]:
@@ -35,7 +34,7 @@ class KLMonitor(pl.Callback):
 
     Args:
         heldout_path: ``.jsonl`` held-out texts; default the ``heldout.jsonl`` saved next to
-            the tiny coder (nothing for other models).
+            the checkpoint the policy was loaded from, if there is one (the tiny coder has).
         heldout_max_texts: Held-out texts used per evaluation.
         max_length: Tokens per held-out text.
         batch_size: Texts or transitions per forward pass.
@@ -70,14 +69,17 @@ class KLMonitor(pl.Callback):
         self._heldout: list[str] | None = None
         self.beta: float | None = None  # the adapted beta, restored on resume
         self.last: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []  # one entry per evaluated collection
 
     # ---------------------------------------------------------------- inputs
     def _heldout_texts(self, pl_module: pl.LightningModule) -> list[str]:
         if self._heldout is None:
             path = self.heldout_path
-            if path is None and getattr(pl_module.hparams, "model_name_or_path", None) == TINY_CODER:
-                candidate = Path(resolve_model_path(TINY_CODER)) / "heldout.jsonl"
-                path = str(candidate) if candidate.exists() else None
+            if path is None:
+                # A checkpoint directory that ships held-out texts (the tiny coder does).
+                loaded_from = getattr(getattr(pl_module.policy, "config", None), "_name_or_path", "") or ""
+                candidate = Path(loaded_from) / "heldout.jsonl"
+                path = str(candidate) if loaded_from and candidate.is_file() else None
             self._heldout = read_heldout(path)[: self.heldout_max_texts] if path else []
         return self._heldout
 
@@ -133,6 +135,7 @@ class KLMonitor(pl.Callback):
                      "monitor/perplexity": self.heldout_perplexity(pl_module, dm.tokenizer)}
         self._guard(trainer, pl_module, kl)
         self.last["monitor/beta"] = float(pl_module.hparams.beta)
+        self.history.append(dict(self.last, collection=float(dm.collections)))
         pl_module.log_dict(self.last, prog_bar=False)
 
     def _guard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, kl: float) -> None:

@@ -23,6 +23,7 @@ class RolloutRefresh(pl.Callback):
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be >= 1 or None, got {every_n_steps}")
         self.every_n_steps = every_n_steps
+        self.batches_seen = 0  # counted here: Lightning's own counters move at other points of the loop
 
     @staticmethod
     def _datamodule(trainer: pl.Trainer) -> Any:
@@ -35,6 +36,12 @@ class RolloutRefresh(pl.Callback):
         self._datamodule(trainer).refresh_on_epoch = self.every_n_steps is None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        batches = trainer.fit_loop.epoch_loop._batches_that_stepped
-        if self.every_n_steps is not None and batches % self.every_n_steps == 0:
+        self.batches_seen += 1
+        if self.every_n_steps is not None and self.batches_seen % self.every_n_steps == 0:
             self._datamodule(trainer).request_refresh()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_seen": self.batches_seen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.batches_seen = state_dict["batches_seen"]

@@ -12,7 +12,8 @@ import sys
 from pytorch_lightning.cli import LightningCLI
 
 from etpo_lightning.datamodules.rollout import RolloutDataModule
-from etpo_lightning.module import ETPOModule
+from etpo_lightning.module import ETPOModule  # noqa: F401  (registers the default class)
+from etpo_lightning.rl_module import TokenRLModule
 
 
 class ETPOCLI(LightningCLI):
@@ -24,8 +25,9 @@ class ETPOCLI(LightningCLI):
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> ETPOCLI:
+    # Any TokenRLModule subclass (ETPOModule, PPOModule, LoRA variants) by class_path.
     return ETPOCLI(
-        ETPOModule,
+        TokenRLModule,
         RolloutDataModule,
         subclass_mode_model=True,
         save_config_kwargs={"overwrite": True},

@@ -22,18 +22,28 @@ from etpo_lightning.envs import TextEnv, VectorEnv
 from etpo_lightning.models import load_tokenizer
 
 
+class BatchTicket(int):
+    """A placeholder the dataloader yields; the datamodule turns it into a batch just in time.
+
+    Lightning fetches one batch ahead of the one being trained on. Building the batch
+    there would sample with a policy one update old and run one collection too many at
+    the end of fit, so the real batch is made in ``on_before_batch_transfer``, which runs
+    right before the batch's training step.
+    """
+
+
 class _RolloutStream(IterableDataset):
-    """One epoch = ``batches_per_epoch`` batches drawn from the datamodule's replay buffer."""
+    """One epoch = ``batches_per_epoch`` tickets, each redeemed for a batch from the replay buffer."""
 
     def __init__(self, datamodule: RolloutDataModule) -> None:
         self.datamodule = datamodule
 
-    def __iter__(self) -> Iterator[TransitionBatch]:
+    def __iter__(self) -> Iterator[BatchTicket]:
         dm = self.datamodule
         if dm.refresh_on_epoch:
             dm.request_refresh()
-        for _ in range(dm.batches_per_epoch):
-            yield dm.next_batch()
+        for i in range(dm.batches_per_epoch):
+            yield BatchTicket(i)
 
 
 class RolloutDataModule(pl.LightningDataModule):
@@ -152,11 +162,15 @@ class RolloutDataModule(pl.LightningDataModule):
         return DataLoader(_RolloutStream(self), batch_size=None, num_workers=0)
 
     # -------------------------------------------------------------- batches
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return self.next_batch() if isinstance(batch, BatchTicket) else batch
+
     def request_refresh(self) -> None:
         """The next batch will come from a fresh collection with the current policy."""
         self._refresh_requested = True
 
     def next_batch(self) -> TransitionBatch:
+        """A batch sampled from the replay buffer, collecting first if a refresh is due."""
         if self._refresh_requested or not self.replay:
             self.collect(self.trainer.lightning_module)
             self._refresh_requested = False
