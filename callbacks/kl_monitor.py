@@ -123,7 +123,7 @@ class KLMonitor(pl.Callback):
     # ----------------------------------------------------------------- hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.beta is not None:  # resumed with an adapted beta
-            pl_module.hparams.beta = self.beta
+            pl_module.hparams[self._coef(pl_module)] = self.beta
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         dm = trainer.datamodule
@@ -134,17 +134,23 @@ class KLMonitor(pl.Callback):
         self.last = {"monitor/kl": kl, "monitor/entropy": entropy,
                      "monitor/perplexity": self.heldout_perplexity(pl_module, dm.tokenizer)}
         self._guard(trainer, pl_module, kl)
-        self.last["monitor/beta"] = float(pl_module.hparams.beta)
+        self.last["monitor/beta"] = float(pl_module.hparams[self._coef(pl_module)])
         self.history.append(dict(self.last, collection=float(dm.collections)))
         pl_module.log_dict(self.last, prog_bar=False)
+
+    @staticmethod
+    def _coef(pl_module: pl.LightningModule) -> str:
+        """Name of the module's KL coefficient (``beta`` for ETPO, ``beta_kl`` for PPO)."""
+        return getattr(pl_module, "kl_coef_hparam", "beta")
 
     def _guard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, kl: float) -> None:
         if self.kl_threshold is None:
             return
         if self.on_threshold == "adapt_beta":
             error = max(-0.2, min(0.2, kl / self.target_kl - 1.0))
-            pl_module.hparams.beta = float(pl_module.hparams.beta) * (1.0 + self.adapt_rate * error)
-            self.beta = pl_module.hparams.beta
+            coef = self._coef(pl_module)
+            pl_module.hparams[coef] = float(pl_module.hparams[coef]) * (1.0 + self.adapt_rate * error)
+            self.beta = pl_module.hparams[coef]
         elif kl > self.kl_threshold:
             message = f"KL(pi||rho) = {kl:.4f} nats/token passed kl_threshold={self.kl_threshold}"
             if self.on_threshold == "stop":

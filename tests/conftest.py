@@ -6,8 +6,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 
-# Two cores: keep torch from oversubscribing them when sandboxes or workers run beside it.
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread: env workers and sandboxes run beside the tests on 2 cores, and
+# small matmuls slow down badly when threads are oversubscribed.
+torch.set_num_threads(1)
 
 
 def pytest_runtest_setup(item):

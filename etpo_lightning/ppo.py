@@ -1,0 +1,238 @@
+"""``PPOModule``: the paper's baseline, token-level PPO with a KL penalty to the reference (as in RLHF).
+
+Three networks, on the plumbing of ``TokenRLModule``:
+  * ``policy``     pi_theta, trained by the clipped surrogate ``policy_loss``;
+  * ``critic``     V_phi, a causal-LM backbone with a scalar value head (``TokenValueCritic``),
+                   trained by ``value_loss``;
+  * ``reference``  rho, the frozen initial policy; it only enters the per-token KL penalty.
+
+The equations are in ``etpo_lightning/ppo_losses.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from etpo_lightning.batch import TransitionBatch
+from etpo_lightning.losses import DEFAULT_CHUNK_SIZE, kl_and_entropy
+from etpo_lightning.ppo_losses import (
+    clipped_policy_loss,
+    gae,
+    masked_mean,
+    ratio_stats,
+    token_logprobs,
+    token_rewards,
+    value_loss,
+    whiten,
+)
+from etpo_lightning.rl_module import TokenRLModule
+
+
+class TokenValueCritic(nn.Module):
+    """V(h) at every position: a causal-LM backbone (no LM head) and a linear scalar head.
+
+    ``forward`` returns values ``[B, T]`` (float32) from ``(input_ids, attention_mask,
+    position_ids)``; it accepts and ignores ``use_cache`` so that
+    ``TokenRLModule.outputs`` can call it like a language model. The head starts at zero,
+    so every value starts at 0 and the first advantages are the plain discounted rewards.
+    """
+
+    def __init__(self, backbone: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        param = next(backbone.parameters())
+        self.value_head = nn.Linear(hidden_size, 1, device=param.device, dtype=param.dtype)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    @classmethod
+    def from_policy(cls, policy: nn.Module) -> TokenValueCritic:
+        """A critic whose backbone is an independent copy of the policy's decoder (its
+        transformer without the LM head, which a value function does not need)."""
+        base = getattr(policy, "base_model", None)
+        if base is None or base is policy:
+            raise ValueError(
+                "TokenValueCritic.from_policy needs a Hugging Face causal LM with a `base_model` "
+                "(the decoder under the LM head); pass a critic explicitly for other models"
+            )
+        hidden = getattr(policy.config, "hidden_size", None) or policy.get_input_embeddings().embedding_dim
+        return cls(copy.deepcopy(base), hidden)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        use_cache: bool | None = None,  # noqa: ARG002 - accepted for TokenRLModule.outputs
+    ) -> Tensor:
+        """Values ``[B, T]`` of the histories ending at every position of ``input_ids``."""
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return self.value_head(hidden).squeeze(-1).float()
+
+
+class PPOModule(TokenRLModule):
+    """Token-level PPO with a KL penalty to the reference, a value head and GAE: the
+    baseline of the ETPO paper (arXiv 2402.06700), on the same data and plumbing as
+    ``ETPOModule``.
+
+    Each training batch is a ``TransitionBatch``; each training step makes one gradient
+    step of the critic and one of the policy (two optimizers, one backward of
+    ``policy_loss + value_loss``). PPO's reuse of a rollout for several epochs is the
+    datamodule's business (``batches_per_epoch``, ``replay_collections``): the ratio
+    pi / pi_old is taken against the log-probabilities the sampling policy had
+    (``TransitionBatch.old_logprobs``), so reused batches are clipped as in PPO. A batch
+    without ``old_logprobs`` is treated as fresh: pi_old is the current policy (detached),
+    every ratio is 1 and the step is a plain advantage-weighted policy gradient.
+
+    Advantages use the critic's values at the time of the step (the batch holds no
+    rollout-time values); if a batch carries an ``old_values`` tensor ``[B, L]`` they are
+    used instead, for the advantages and as the centre of ``value_clip``. Without them
+    value clipping has nothing to clip against and is skipped.
+
+    Per token j of an action of n tokens, with c = 1 (``token_discount="none"``) or gamma:
+        r_j   = -beta_kl (log pi_old(w_j|h_j) - log rho(w_j|h_j)) + [j = n-1] r
+        A_j   = GAE(lam) of delta_j = r_j + c V(h_{j+1}) - V(h_j), V(h_n) := gamma (1-d) V(s')
+        L_pi  = mean_j max(-A_j rho_j, -A_j clip(rho_j, 1-eps, 1+eps))
+        L_V   = mean_j (V(h_j) - (A_j + V(h_j)))^2
+
+    Args:
+        model_name_or_path: Hugging Face hub id or local directory of the policy LM (or the
+            alias ``tiny-sklearn-coder``, built locally on first use). Ignored for a model
+            passed as ``policy``. The reference and the critic's backbone start as copies.
+        beta_kl: Coefficient of the per-token KL penalty -beta_kl (log pi_old - log rho)
+            added to the reward; >= 0 (0 disables it).
+        gamma: Discount between environment steps.
+        lam: GAE lambda, in [0, 1] (0: one-step TD advantages, 1: Monte-Carlo returns).
+        clip_ratio: PPO's epsilon: ratios outside [1 - eps, 1 + eps] stop contributing
+            gradient in the direction that moves them further; > 0.
+        value_clip: Clip of the value change around the batch's ``old_values`` (PPO's value
+            clipping); None disables it. Needs batches that carry ``old_values``.
+        policy_lr: Learning rate of the policy optimizer.
+        critic_lr: Learning rate of the critic optimizer.
+        gradient_clip_val: Max gradient norm, applied to each optimizer's parameters
+            separately; None or 0 to disable.
+        optimizer: Import path of the optimizer class used for both networks.
+        weight_decay: Weight decay of both optimizers.
+        normalize_advantages: Whiten the advantages over the valid tokens of the batch
+            (mean 0, std 1) before the policy loss.
+        token_discount: Discount between the tokens of one action: ``none`` (no discount
+            inside an action, gamma between actions: the action-decomposed form of arXiv
+            2405.15821, matching ETPO's targets) or ``gamma`` (every token is a time step,
+            as in RLHF PPO).
+        chunk_size: Positions per chunk of the full-vocabulary KL/entropy monitoring.
+        policy: An already built policy (tests, custom models); overrides ``model_name_or_path``.
+        critic: An already built critic returning values ``[B, T]`` (or ``[B, T, 1]``) from
+            ``(input_ids, attention_mask, position_ids, use_cache)``; default
+            ``TokenValueCritic.from_policy(policy)``.
+        reference: An already built reference policy; default a frozen copy of the policy.
+    """
+
+    kl_coef_hparam = "beta_kl"
+
+    def __init__(
+        self,
+        model_name_or_path: str = "tiny-sklearn-coder",
+        beta_kl: float = 0.01,
+        gamma: float = 0.99,
+        lam: float = 0.95,
+        clip_ratio: float = 0.2,
+        value_clip: float | None = None,
+        policy_lr: float = 1e-5,
+        critic_lr: float = 1e-5,
+        gradient_clip_val: float | None = 1.0,
+        optimizer: str = "torch.optim.AdamW",
+        weight_decay: float = 0.0,
+        normalize_advantages: bool = True,
+        token_discount: Literal["none", "gamma"] = "none",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        policy: nn.Module | None = None,
+        critic: nn.Module | None = None,
+        reference: nn.Module | None = None,
+    ) -> None:
+        if not beta_kl >= 0:
+            raise ValueError(f"beta_kl must be >= 0 (the KL penalty coefficient), got beta_kl={beta_kl}")
+        if not 0 <= gamma <= 1:
+            raise ValueError(f"gamma must be in [0, 1], got gamma={gamma}")
+        if not 0 <= lam <= 1:
+            raise ValueError(f"lam must be in [0, 1], got lam={lam}")
+        if not clip_ratio > 0:
+            raise ValueError(f"clip_ratio must be > 0, got clip_ratio={clip_ratio}")
+        if value_clip is not None and not value_clip > 0:
+            raise ValueError(f"value_clip must be > 0 or None, got value_clip={value_clip}")
+        if token_discount not in ("none", "gamma"):
+            raise ValueError(f"token_discount must be 'none' or 'gamma', got {token_discount!r}")
+        super().__init__(model_name_or_path, policy_lr, critic_lr, gradient_clip_val, optimizer,
+                         weight_decay, chunk_size, policy, critic, reference)
+
+    # ------------------------------------------------------------------ models
+    def build_critic(self, policy: nn.Module) -> nn.Module:
+        """The critic when none is injected: a scalar value head on a copy of the policy's decoder."""
+        return TokenValueCritic.from_policy(policy)
+
+    def critic_values(self, outputs: Tensor) -> Tensor:
+        """Critic outputs ``[B, T]`` or ``[B, T, 1]`` as float32 values ``[B, T]``."""
+        return (outputs.squeeze(-1) if outputs.dim() == 3 else outputs).float()
+
+    @torch.no_grad()
+    def bootstrap_values(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+        """V(s) ``[B]``: the value head at the last prompt position, stored as ``next_values``."""
+        out = self.outputs(self.critic, self.model_inputs(prompt_ids, prompt_mask))
+        return self.critic_values(out)[:, -1]
+
+    # ------------------------------------------------- overridable PPO parts
+    def compute_advantages(self, values: Tensor, rewards: Tensor, batch: TransitionBatch) -> tuple[Tensor, Tensor]:
+        """GAE advantages and returns ``[B, L]`` from values and per-token rewards (override to change them)."""
+        hp = self.hparams
+        return gae(values, rewards, batch.action_mask, batch.dones, batch.next_values,
+                   hp.gamma, hp.lam, hp.token_discount)
+
+    def compute_policy_loss(self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
+                            batch: TransitionBatch) -> Tensor:
+        """The clipped surrogate (override to change it)."""
+        return clipped_policy_loss(logprobs, old_logprobs, advantages, batch.action_mask, self.hparams.clip_ratio)
+
+    def compute_value_loss(self, values: Tensor, returns: Tensor, old_values: Tensor | None,
+                           batch: TransitionBatch) -> Tensor:
+        """The critic loss (override to change it)."""
+        return value_loss(values, returns, batch.action_mask, old_values, self.hparams.value_clip)
+
+    # ------------------------------------------------------------ training
+    def compute_losses(self, batch: TransitionBatch) -> dict[str, Tensor]:
+        """Forward policy, critic and reference on ``batch``; the two losses and the statistics to log."""
+        hp, mask = self.hparams, batch.action_mask
+        policy_logits = self.action_outputs(self.policy, batch)
+        values = self.critic_values(self.action_outputs(self.critic, batch))
+        logprobs = token_logprobs(policy_logits, batch.action_ids)
+        with torch.no_grad():
+            ref_logits = self.action_outputs(self.reference, batch)
+            ref_logprobs = token_logprobs(ref_logits, batch.action_ids)
+            old_logprobs = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
+            rewards = token_rewards(old_logprobs, ref_logprobs, batch.rewards, mask, hp.beta_kl)
+            old_values = getattr(batch, "old_values", None)
+            advantages, returns = self.compute_advantages(
+                old_values if old_values is not None else values.detach(), rewards, batch
+            )
+            used = whiten(advantages, mask) if hp.normalize_advantages else advantages
+        out = {
+            "policy_loss": self.compute_policy_loss(logprobs, old_logprobs, used, batch),
+            "value_loss": self.compute_value_loss(values, returns, old_values, batch),
+        }
+        with torch.no_grad():
+            kl, entropy = kl_and_entropy(policy_logits.detach(), ref_logits, hp.chunk_size)
+            clip_fraction, approx_kl = ratio_stats(logprobs, old_logprobs, mask, hp.clip_ratio)
+            out.update(
+                kl=masked_mean(kl.float(), mask),
+                entropy=masked_mean(entropy.float(), mask),
+                clip_fraction=clip_fraction,
+                approx_kl=approx_kl,
+                advantage=masked_mean(advantages.float(), mask),  # before whitening
+                value=masked_mean(values.detach(), mask),
+                returns=masked_mean(returns.float(), mask),
+            )
+        return out
