@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import random
 import warnings
@@ -211,11 +212,15 @@ class RolloutDataModule(pl.LightningDataModule):
         try:
             for start in range(0, len(prompts), hp.generation_batch_size):
                 ids, mask = self._pad_left(prompts[start:start + hp.generation_batch_size], module.device)
-                out = policy.generate(
-                    input_ids=ids, attention_mask=mask.long(), do_sample=True, temperature=hp.temperature,
-                    top_k=hp.top_k or None, top_p=hp.top_p, max_new_tokens=hp.max_new_tokens,
-                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos, use_cache=True,
-                )
+                # Under FSDP: gather the policy's top-level weights (generate bypasses the
+                # wrapper) and keep ranks stepping together when their lengths differ.
+                with module.generation_context(policy):
+                    out = policy.generate(
+                        input_ids=ids, attention_mask=mask.long(), do_sample=True, temperature=hp.temperature,
+                        top_k=hp.top_k or None, top_p=hp.top_p, max_new_tokens=hp.max_new_tokens,
+                        pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos, use_cache=True,
+                        **module.generation_kwargs(),
+                    )
                 for row in out[:, ids.shape[1]:].cpu():
                     ends = (row == eos).nonzero()
                     actions.append(row[: int(ends[0]) + 1] if len(ends) else row)
@@ -274,12 +279,13 @@ class RolloutDataModule(pl.LightningDataModule):
     def _next_values(self, module: pl.LightningModule, next_prompts: list[Tensor], dones: list[bool]) -> list[float]:
         """V(s') at the first position of each next observation; 0 where the episode ended."""
         values = [0.0] * len(next_prompts)
-        live = [i for i, d in enumerate(dones) if not d]
-        for start in range(0, len(live), self.hparams.generation_batch_size):
-            chunk = live[start:start + self.hparams.generation_batch_size]
+        # Under FSDP every rank must make the same forward calls: forward all rows there.
+        rows = list(range(len(dones))) if module.under_fsdp() else [i for i, d in enumerate(dones) if not d]
+        for start in range(0, len(rows), self.hparams.generation_batch_size):
+            chunk = rows[start:start + self.hparams.generation_batch_size]
             ids, mask = self._pad_left([next_prompts[i] for i in chunk], module.device)
             for i, v in zip(chunk, module.bootstrap_values(ids, mask).tolist()):
-                values[i] = v
+                values[i] = 0.0 if dones[i] else v
         return values
 
     def _attach_logprobs(self, module: pl.LightningModule, transitions: list[Transition]) -> None:
@@ -296,7 +302,8 @@ class RolloutDataModule(pl.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """Counters, the best action and the replay contents (environments restart their episode)."""
         return {
-            "replay": [list(c) for c in self.replay],
+            # Plain dicts of tensors and numbers: loadable with torch.load(weights_only=True).
+            "replay": [[dataclasses.asdict(t) for t in c] for c in self.replay],
             "best_action": self.best_action,
             "best_reward": self.best_reward,
             "collections": self.collections,
@@ -308,7 +315,8 @@ class RolloutDataModule(pl.LightningDataModule):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.replay = deque(state["replay"], maxlen=self.hparams.replay_collections)
+        self.replay = deque([[Transition(**t) for t in c] for c in state["replay"]],
+                            maxlen=self.hparams.replay_collections)
         self.best_action, self.best_reward = state["best_action"], state["best_reward"]
         self.collections, self.env_steps = state["collections"], state["env_steps"]
         self.episodes_finished, self.latest_stats = state["episodes_finished"], state["latest_stats"]

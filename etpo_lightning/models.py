@@ -27,12 +27,12 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def _friendly_oserror(name_or_path: str, err: OSError) -> OSError:
     hint = (
-        f"could not load {name_or_path!r}: it is neither a local directory with a saved model "
+        f"model_name_or_path={name_or_path!r}: could not load it: is neither a local directory with a saved model "
         f"nor a hub id available offline. Pass a local path, the alias {TINY_CODER!r}, or "
         "download the checkpoint first."
     )
     if os.path.sep in name_or_path or name_or_path.startswith("."):
-        hint = f"could not load {name_or_path!r}: no saved model at that path ({Path(name_or_path).resolve()})"
+        hint = f"model_name_or_path={name_or_path!r}: no saved model at that path ({Path(name_or_path).resolve()})"
     return OSError(f"{hint}\n(underlying error: {err})")
 
 

@@ -11,13 +11,18 @@ and the value of an observation used to bootstrap (``bootstrap_values``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
+import random
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from etpo_lightning.batch import TransitionBatch
@@ -31,10 +36,81 @@ def frozen(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+# ------------------------------------------------------------------ RNG states
+def rng_state() -> dict[str, Any]:
+    """This process's python/numpy/torch (and CUDA) RNG states, as checkpoint-safe types.
+
+    numpy's key array is stored as a list so that ``torch.load(weights_only=True)`` accepts it.
+    """
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {**np_state, "state": {"key": np_state["state"]["key"].tolist(), "pos": np_state["state"]["pos"]}},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of ``rng_state``."""
+    random.setstate(state["python"])
+    np_state = dict(state["numpy"])
+    np_state["state"] = {"key": np.asarray(np_state["state"]["key"], dtype=np.uint32), "pos": np_state["state"]["pos"]}
+    np.random.set_state(np_state)
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# ------------------------------------------------------------------------ FSDP
+def is_fsdp_strategy(strategy: Any) -> bool:
+    """Whether ``strategy`` shards parameters with FSDP (Lightning's ``FSDPStrategy``)."""
+    from pytorch_lightning.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
+
+
+def _fsdp_replicas(root: nn.Module) -> int:
+    """How many ranks hold each gradient element under FSDP (1 for FULL_SHARD/SHARD_GRAD_OP,
+    world size for NO_SHARD, the number of replica groups for HYBRID_SHARD)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    shard_group = next((m.process_group for m in root.modules() if isinstance(m, FSDP)), None)
+    return dist.get_world_size() // dist.get_world_size(shard_group)
+
+
+@torch.no_grad()
+def sharded_clip_grad_norm_(params: list[nn.Parameter], max_norm: float, replicas: int) -> Tensor:
+    """Clip the global L2 norm of gradients that are sharded across ranks (FSDP).
+
+    ``torch.nn.utils.clip_grad_norm_`` would clip each rank's shard by its own norm. Here
+    every rank sums the squares of its local gradient shard, the sums are all-reduced
+    (divided by ``replicas`` because replicated shards were counted that many times), and
+    every rank scales its shard by the same coefficient. Returns the total norm.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sumsq = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        sumsq += g.detach().float().pow(2).sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sumsq)
+        sumsq /= replicas
+    total = sumsq.sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return total
+
+
 class TokenRLModule(pl.LightningModule):
     """Base class; see the subclasses for the algorithms and their arguments."""
 
     optimizer_steps_per_batch = 2
+    # The hyperparameter weighting KL(pi || rho) in the objective (KLMonitor adapts it).
+    kl_coef_hparam = "beta"
     # Shown in the progress bar; everything else goes to the loggers only.
     progress_bar_metrics = ("train/kl", "rollout/reward_mean")
 
@@ -177,17 +253,31 @@ class TokenRLModule(pl.LightningModule):
         opt_policy.zero_grad(set_to_none=True)
         opt_critic.zero_grad(set_to_none=True)
         # One backward of the sum: the losses touch disjoint parameters, and a single
-        # backward keeps DDP's gradient buckets in sync across ranks.
+        # backward keeps DDP's gradient buckets in sync across ranks. Gradients are clipped
+        # inside each step, in ``on_before_optimizer_step`` (after AMP unscaling).
         self.manual_backward(loss)
-        clip = self.hparams.gradient_clip_val
-        if clip:
-            self.clip_gradients(opt_critic, gradient_clip_val=clip, gradient_clip_algorithm="norm")
-            self.clip_gradients(opt_policy, gradient_clip_val=clip, gradient_clip_algorithm="norm")
         opt_critic.step()
         opt_policy.step()
         self.after_optimizer_steps()
         self.log_training_metrics(out, batch)
         return loss.detach()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip this optimizer's gradients to ``gradient_clip_val`` (L2 norm).
+
+        Lightning calls this hook inside ``optimizer.step()`` AFTER a 16-mixed GradScaler has
+        unscaled the gradients; clipping in ``training_step`` would clip the scaled ones.
+        FSDP's precision plugin refuses norm clipping (a shard's local norm is not the
+        global norm), so under FSDP the norm is all-reduced over the shards instead.
+        """
+        clip = self.hparams.gradient_clip_val
+        if not clip:
+            return
+        if is_fsdp_strategy(self.trainer.strategy):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            sharded_clip_grad_norm_(params, clip, _fsdp_replicas(self.trainer.strategy.model))
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
     def log_training_metrics(self, out: dict[str, Tensor], batch: TransitionBatch) -> None:
         """Log the step's losses and statistics as ``train/*`` and the batch's rollout stats."""
@@ -214,7 +304,65 @@ class TokenRLModule(pl.LightningModule):
             optimizer_cls(trainable(self.critic), lr=self.hparams.critic_lr, weight_decay=decay),
         ]
 
+    # --------------------------------------------------------------- FSDP hooks
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Extra ``generate`` kwargs: under FSDP every rank must keep calling forward (each
+        forward all-gathers shards) until the longest sequence on any rank is done."""
+        return {"synced_gpus": True} if self.under_fsdp() else {}
+
+    @contextlib.contextmanager
+    def generation_context(self, model: nn.Module) -> Iterator[None]:
+        """Context for calling ``model.generate`` (or any method that bypasses ``forward``).
+
+        HF ``generate`` calls the inner module, not the FSDP wrapper's ``forward``, so the
+        parameters FSDP keeps at the top of ``model``'s unit (embeddings, final norm, LM head)
+        would stay sharded. They are gathered here (without writeback: generation only
+        reads them); the decoder layers are units of their own and gather themselves.
+        """
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if self.under_fsdp() and isinstance(model, FSDP):
+            with FSDP.summon_full_params(model, recurse=False, writeback=False):
+                yield
+        else:
+            yield
+
+    def under_fsdp(self) -> bool:
+        """Whether the trainer shards this module with FSDP (ranks must then make the same
+        number of forward calls, also outside training_step)."""
+        return self._trainer is not None and is_fsdp_strategy(self.trainer.strategy)
+
+    def polyak_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(online, averaged copy) module pairs updated shard by shard: (critic, target critic)
+        when the subclass has a ``target_critic``."""
+        target = getattr(self, "target_critic", None)
+        return [(self.critic, target)] if target is not None else []
+
+    def _setup_fsdp(self) -> None:
+        """Make the Lightning root the FSDP root and check Polyak pairs are sharded alike.
+
+        The rollout calls the policy's FSDP unit before the first ``training_step``; FSDP
+        would make whichever unit runs first its root, and the real root would then fail
+        its lazy init. Gathering the (empty) root's own parameters initialises it first.
+        """
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        root = self.trainer.strategy.model
+        with FSDP.summon_full_params(root, recurse=False, writeback=False):
+            pass
+        for online, averaged in self.polyak_pairs():
+            a = [tuple(p.shape) for p in online.parameters()]
+            b = [tuple(p.shape) for p in averaged.parameters()]
+            if a != b:
+                raise RuntimeError(
+                    "the critic and its target critic are sharded differently, so a shard-by-shard Polyak "
+                    "update would mix unrelated weights: wrap both with the same auto_wrap_policy "
+                    "(e.g. the decoder layer class and the causal LM class)"
+                )
+
     def on_fit_start(self) -> None:
+        if self.under_fsdp():
+            self._setup_fsdp()
         # Frozen networks are in eval mode on purpose; Lightning's generic "modules in eval
         # mode" warning would only confuse users about them.
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -224,8 +372,37 @@ class TokenRLModule(pl.LightningModule):
             loop.max_steps *= self.optimizer_steps_per_batch
             loop._etpo_steps_scaled = True
 
+    # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add the skip counter and every rank's RNG states (Lightning saves neither).
+
+        Sampling during rollouts, dropout and shuffling all draw from these generators, so
+        without them a resumed run diverges from an uninterrupted one. Lightning calls this
+        hook on every rank (only rank 0 writes), so the states are gathered here.
+        """
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
+        states = [rng_state()]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, rng_state())
+        checkpoint["rng_states"] = states
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the counter and this rank's RNG states.
+
+        Same world size: each rank gets its own states back (exact resume). A different one
+        (a DDP checkpoint resumed on one device or the reverse): rank r takes the states of
+        rank r mod n, and ranks beyond the saved ones are re-seeded from them plus their rank,
+        so that ranks never sample identically.
+        """
         self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
+        states = checkpoint.get("rng_states")
+        if not states or self._trainer is None:
+            return  # load_from_checkpoint for inference: leave the caller's RNG alone
+        rank = self.global_rank
+        set_rng_state(states[rank % len(states)])
+        if rank >= len(states):
+            seed = int(torch.randint(0, 2**31, ()).item()) + 1_000_003 * rank
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)

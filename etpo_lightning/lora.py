@@ -1,0 +1,236 @@
+"""``LoRAETPOModule``: ETPO's four networks as LoRA adapters on ONE frozen base model.
+
+Full ETPO holds four copies of the LM (policy, critic, target critic, reference). Here
+there is one frozen base and three small adapters (Hugging Face ``peft``, the optional
+dependency ``pip install etpo-lightning[lora]``):
+
+  * ``policy``         base + adapter ``policy`` (trained);
+  * ``critic``         base + adapter ``critic`` (trained). Q(h, .) over the WHOLE
+                       vocabulary ``[B, T, V]`` is the base LM head's output on the adapted
+                       hidden states, plus a LoRA on the LM head itself (``critic_lm_head``);
+                       Q starts equal to the base logits, as the paper's copied critic does;
+  * ``target_critic``  base + adapter ``target_critic``: a frozen Polyak average of the
+                       critic's adapter (LM-head LoRA included), updated by ETPOModule's
+                       ``update_target_critic`` like the full model's;
+  * ``reference``      the base with every adapter disabled: exactly the initial model.
+
+Every network is a small view (``AdapterView``) that activates its adapter on the shared
+``peft`` model for the duration of a call; each view registers only its own adapter's
+parameters, so the base class's optimizers, freezing and Polyak code work unchanged.
+
+Switch to it in YAML with ``model: {class_path: etpo_lightning.lora.LoRAETPOModule, ...}``.
+Not tested under FSDP (see docs/scaling.md); DDP and the precisions work as for ETPOModule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from etpo_lightning.losses import DEFAULT_CHUNK_SIZE
+from etpo_lightning.module import ETPOModule
+from etpo_lightning.rl_module import frozen
+
+ADAPTERS = ("policy", "critic", "target_critic")
+TRAINED = ("policy", "critic")
+
+
+def linear_module_names(model: nn.Module, exclude: tuple[str, ...] = ("lm_head",)) -> list[str]:
+    """Names (last component) of the ``nn.Linear`` layers of ``model``, output head excluded."""
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return sorted(names - set(exclude))
+
+
+def _adapter_of(param_name: str) -> str | None:
+    """The adapter a peft parameter belongs to (``...lora_A.critic.weight`` -> ``critic``)."""
+    parts = param_name.split(".")
+    return next((p for p in parts if p in ADAPTERS), None)
+
+
+class SharedLoRA(nn.Module):
+    """The one ``peft`` model every view runs, and the switch of its active adapter.
+
+    peft's ``set_adapter`` freezes the adapters it deactivates, and ``disable_adapter``
+    freezes all of them; training two adapters in one step needs both trainable, so the
+    intended ``requires_grad`` of every parameter is restored after each switch.
+    """
+
+    def __init__(self, peft_model: nn.Module) -> None:
+        super().__init__()
+        self.peft = peft_model
+        self._active: str | None = None
+        self._flags: list[tuple[nn.Parameter, bool]] = []
+        for name, p in self.peft.named_parameters():
+            p.requires_grad_(_adapter_of(name) in TRAINED)
+            self._flags.append((p, p.requires_grad))
+
+    def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
+        """The parameters of one adapter, in module order (identical order for every adapter)."""
+        return [p for name, p in self.peft.named_parameters() if _adapter_of(name) == adapter]
+
+    def _restore_flags(self) -> None:
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+
+    def activate(self, adapter: str) -> None:
+        if self._active != adapter:
+            self.peft.base_model.set_adapter(adapter)
+            self._restore_flags()
+            self._active = adapter
+
+    @contextlib.contextmanager
+    def using(self, adapter: str | None, eval_mode: bool = False) -> Iterator[nn.Module]:
+        """Run the peft model with ``adapter`` active (None: all adapters disabled); in eval
+        mode for the frozen networks, whatever mode training put the base in."""
+        was_training = self.peft.training
+        if eval_mode:
+            self.peft.eval()
+        try:
+            if adapter is None:
+                try:
+                    with self.peft.disable_adapter():
+                        yield self.peft
+                finally:
+                    self._restore_flags()
+            else:
+                self.activate(adapter)
+                yield self.peft
+        finally:
+            if eval_mode:
+                self.peft.train(was_training)
+
+
+class AdapterView(nn.Module):
+    """One ETPO network: the shared peft model with one adapter active (or none: the base).
+
+    Registers its own adapter's parameters only (the shared model is held unregistered), so
+    ``view.parameters()`` is what its optimizer trains or what Polyak averages. Trained
+    views pass ``train()``/``eval()`` on to the shared model; frozen views always run it in
+    eval mode. Returns the HF output (policy, reference) or the logits tensor (critics).
+    """
+
+    def __init__(self, shared: SharedLoRA, adapter: str | None, returns_logits: bool = False) -> None:
+        super().__init__()
+        self.__dict__["shared"] = shared  # not a submodule: the LightningModule owns it once
+        self.adapter = adapter
+        self.returns_logits = returns_logits
+        self.adapter_params = nn.ParameterList(shared.adapter_parameters(adapter) if adapter else [])
+
+    @property
+    def trained(self) -> bool:
+        return self.adapter in TRAINED
+
+    @property
+    def config(self) -> Any:
+        return self.shared.peft.get_base_model().config
+
+    def train(self, mode: bool = True) -> AdapterView:
+        super().train(mode)
+        if self.trained:
+            self.shared.peft.train(mode)
+        return self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self.shared.using(self.adapter, eval_mode=not self.trained) as model:
+            out = model(*args, **kwargs)
+        return out.logits if self.returns_logits else out
+
+    def generate(self, *args: Any, **kwargs: Any) -> Tensor:
+        with self.shared.using(self.adapter, eval_mode=not self.trained) as model:
+            return model.generate(*args, **kwargs)
+
+    def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
+        """A plain Hugging Face model with this view's adapter merged into a copy of the base
+        (loadable with ``AutoModelForCausalLM.from_pretrained``; needs one base copy of memory)."""
+        merged = copy.deepcopy(self.shared.peft)
+        if self.adapter is None:
+            model = merged.unload()
+        else:
+            merged.base_model.set_adapter(self.adapter)
+            model = merged.merge_and_unload(adapter_names=[self.adapter])
+        model.save_pretrained(path, **kwargs)
+
+
+class LoRAETPOModule(ETPOModule):
+    """ETPO with policy, critic and target critic as LoRA adapters on one frozen base model.
+
+    The arguments are ``ETPOModule``'s (``policy`` is the base model to adapt, if injected;
+    ``critic`` and ``reference`` cannot be injected: they are built from the base) plus:
+
+    Args:
+        lora_r: Rank of every adapter.
+        lora_alpha: LoRA scaling numerator (the update is scaled by ``lora_alpha / lora_r``).
+        lora_dropout: Dropout on the adapters' inputs.
+        target_modules: Names of the linear layers to adapt; default every ``nn.Linear``
+            of the base except the LM head.
+        critic_lm_head: Also put a LoRA on the LM head for the critic (and its target), so
+            Q's output layer is not tied to the base's next-token head.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "tiny-sklearn-coder",
+        beta: float = 0.01,
+        gamma: float = 0.99,
+        policy_lr: float = 1e-4,
+        critic_lr: float = 1e-4,
+        tau: float = 0.005,
+        huber_delta: float | None = None,
+        gradient_clip_val: float | None = 1.0,
+        optimizer: str = "torch.optim.AdamW",
+        weight_decay: float = 0.0,
+        critic_head_init: Literal["copy", "zero"] = "copy",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        target_modules: list[str] | None = None,
+        critic_lm_head: bool = True,
+        policy: nn.Module | None = None,
+        critic: nn.Module | None = None,
+        reference: nn.Module | None = None,
+    ) -> None:
+        if lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1, got lora_r={lora_r}")
+        if critic_head_init != "copy":
+            raise ValueError("LoRAETPOModule needs critic_head_init='copy': the critic shares the base's LM head")
+        self.shared_lora: SharedLoRA | None = None
+        super().__init__(model_name_or_path, beta, gamma, policy_lr, critic_lr, tau, huber_delta, gradient_clip_val,
+                         optimizer, weight_decay, critic_head_init, chunk_size, policy, critic, reference)
+
+    def attach_models(self, policy: nn.Module, critic: nn.Module | None, reference: nn.Module | None) -> None:
+        """Wrap the base ``policy`` with the three adapters and build the four views."""
+        if critic is not None or reference is not None:
+            raise ValueError("LoRAETPOModule builds the critic and the reference from the base model; "
+                             "pass only `policy` (the base)")
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as err:  # optional dependency
+            raise ImportError("LoRAETPOModule needs peft: pip install 'etpo-lightning[lora]'") from err
+        hp = self.hparams
+        targets = list(hp.target_modules) if hp.target_modules else linear_module_names(policy)
+        common = dict(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, bias="none")
+        critic_targets = targets + (["lm_head"] if hp.critic_lm_head else [])
+        peft_model = get_peft_model(policy, LoraConfig(target_modules=targets, **common), adapter_name="policy")
+        for name in ("critic", "target_critic"):
+            peft_model.add_adapter(name, LoraConfig(target_modules=critic_targets, **common))
+        self.shared_lora = SharedLoRA(peft_model.train())
+        with torch.no_grad():  # the target starts as an exact copy of the critic's adapter
+            for target, online in zip(self.shared_lora.adapter_parameters("target_critic"),
+                                      self.shared_lora.adapter_parameters("critic"), strict=True):
+                if not (online.is_meta or target.is_meta):  # meta: shapes only (memory benchmark)
+                    target.copy_(online)
+        self.policy = AdapterView(self.shared_lora, "policy").train()
+        self.critic = AdapterView(self.shared_lora, "critic", returns_logits=True).train()
+        self.target_critic = frozen(AdapterView(self.shared_lora, "target_critic", returns_logits=True))
+        self.reference = frozen(AdapterView(self.shared_lora, None))
+
+    def base_model(self) -> nn.Module:
+        """The shared frozen base (adapters injected; use ``reference`` for its plain outputs)."""
+        return self.shared_lora.peft.get_base_model()

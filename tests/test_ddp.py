@@ -1,0 +1,154 @@
+"""Two-process CPU DDP (gloo) on the toy environment, and checkpoints that cross world sizes.
+
+1. one device: 1 batch, checkpoint A;
+2. DDP, 2 ranks (``tests/ddp_fit.py`` in a subprocess): resume from A to 3 batches, checkpoint B;
+3. one device again: resume from B to 4 batches.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddp_fit
+from etpo_lightning.envs.toy import DEFAULT_WORDS
+from etpo_lightning.tiny_coder.tokenizer import train_tokenizer
+from helpers import tiny_llama
+
+SCRIPT = Path(__file__).with_name("ddp_fit.py")
+NETWORKS = ("policy", "critic", "target_critic", "reference")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A saved tokenizer and tiny Llama, loaded by path in every process (configure_model path)."""
+    root = tmp_path_factory.mktemp("assets")
+    texts = [f"Say the word '{w}'.\nAnswer: {w}\nYour previous answer was 'x': wrong." for w in DEFAULT_WORDS] * 5
+    tok = train_tokenizer(texts, vocab_size=300)
+    tok.save_pretrained(root / "tok")
+    model = tiny_llama(len(tok), seed=1)
+    model.config.eos_token_id, model.config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    model.save_pretrained(root / "model")
+    return str(root / "model"), str(root / "tok")
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_two_ranks_and_checkpoints_across_world_sizes(tmp_path: Path, assets: tuple[str, str]) -> None:
+    model_dir, tok_dir = assets
+    torch.manual_seed(0)
+
+    # 1. One device, one batch.
+    single, dm = ddp_fit.build(model_dir, tok_dir)
+    ddp_fit.trainer(tmp_path / "single", 1, ddp_fit.Record()).fit(single, datamodule=dm)
+    ckpt_a = tmp_path / "single" / "ckpt" / "last.ckpt"
+    saved_a = torch.load(ckpt_a, weights_only=False)
+    assert len(saved_a["rng_states"]) == 1
+
+    # 2. DDP, resuming from the single-device checkpoint.
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), "--model", model_dir, "--tokenizer", tok_dir,
+         "--ckpt", str(ckpt_a), "--max-steps", "3"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+
+    # The single-device checkpoint loaded on both ranks: same weights, same step.
+    for r in ranks:
+        assert r["start"]["global_step"] == 2  # 1 batch x 2 optimizer steps
+        assert _equal(r["start"]["policy"], _state(single.policy))
+    # Rank 0 continues the saved RNG stream; rank 1 (absent from the checkpoint) is re-seeded.
+    assert ranks[0]["start"]["python_rng"] == saved_a["rng_states"][0]["python"]
+    assert ranks[1]["start"]["python_rng"] != ranks[0]["start"]["python_rng"]
+
+    # Each rank ran its own environments on different data ...
+    assert (ranks[0]["rank_seed"], ranks[1]["rank_seed"]) == (0, 1000)
+    assert ranks[0]["prompts"] != ranks[1]["prompts"]
+    assert len(ranks[0]["losses"]) == len(ranks[1]["losses"]) == 2
+    assert ranks[0]["losses"] != ranks[1]["losses"]
+    # ... yet all four networks are identical across ranks: gradients were averaged, and
+    # the Polyak target and the frozen reference followed identical updates.
+    for name in NETWORKS:
+        assert _equal(ranks[0]["final"][name], ranks[1]["final"][name]), name
+    # Training did something: the policy and critic moved, the target followed, rho did not.
+    start = ranks[0]["start"]["policy"]
+    assert not _equal(ranks[0]["final"]["policy"], start)
+    assert not _equal(ranks[0]["final"]["critic"], _state(single.critic))
+    assert not _equal(ranks[0]["final"]["target_critic"], _state(single.target_critic))
+    assert _equal(ranks[0]["final"]["reference"], _state(single.reference))
+
+    # 3. The DDP checkpoint on one device.
+    ckpt_b = out / "ckpt" / "last.ckpt"
+    saved_b = torch.load(ckpt_b, weights_only=False)
+    assert len(saved_b["rng_states"]) == 2  # both ranks' RNG states were gathered
+    resumed, dm = ddp_fit.build(model_dir, tok_dir)
+    record = ddp_fit.Record()
+    ddp_fit.trainer(tmp_path / "resumed", 4, record).fit(resumed, datamodule=dm, ckpt_path=str(ckpt_b),
+                                                        weights_only=False)
+    assert record.start["global_step"] == 6
+    assert _equal(record.start["policy"], ranks[0]["final"]["policy"])
+    assert record.start["python_rng"] == saved_b["rng_states"][0]["python"]  # continues as rank 0
+    assert len(record.losses) == 1 and not _equal(_state(resumed.policy), ranks[0]["final"]["policy"])
+
+
+
+def _grads(seed: int, size: int = 10) -> list[torch.Tensor]:
+    return [torch.randn(size, generator=torch.Generator().manual_seed(seed + i)) * 3 for i in range(3)]
+
+
+def _params_with(grads: list[torch.Tensor]) -> list[torch.nn.Parameter]:
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    return params
+
+
+def test_sharded_clip_grad_norm_matches_unsharded_clipping(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FSDP clipping path, with the all-reduce of a two-rank group simulated.
+
+    FSDP cannot run on CPU, and two real processes cost ~20 s of imports; the collective is
+    a plain sum, so rank 0 is run with an all-reduce that adds rank 1's contribution.
+    """
+    import torch.distributed as dist
+
+    from etpo_lightning.rl_module import sharded_clip_grad_norm_
+
+    full = _params_with(_grads(0))
+    want_norm = float(torch.nn.utils.clip_grad_norm_(full, 1.0))
+    assert want_norm > 1.0  # clipping is active
+    halves = [[g.grad[:5] for g in _params_with(_grads(0))], [g.grad[5:] for g in _params_with(_grads(0))]]
+
+    def run_rank(rank: int, grads: list[torch.Tensor], other: list[torch.Tensor], replicas: int):
+        other_sumsq = sum(float(g.pow(2).sum()) for g in other)
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "all_reduce", lambda t: t.add_(other_sumsq))
+        params = _params_with(grads)
+        return float(sharded_clip_grad_norm_(params, 1.0, replicas=replicas)), [p.grad for p in params]
+
+    # FULL_SHARD: each rank holds half of every gradient.
+    norm0, shard0 = run_rank(0, halves[0], halves[1], replicas=1)
+    norm1, shard1 = run_rank(1, halves[1], halves[0], replicas=1)
+    assert norm0 == norm1 == pytest.approx(want_norm, rel=1e-6)
+    for a, b, p in zip(shard0, shard1, full):
+        torch.testing.assert_close(torch.cat([a, b]), p.grad)
+    # NO_SHARD: both ranks hold everything; the sum counts every element twice.
+    whole = [p.grad for p in _params_with(_grads(0))]
+    norm, clipped = run_rank(0, whole, whole, replicas=2)
+    assert norm == pytest.approx(want_norm, rel=1e-6)
+    for a, p in zip(clipped, full):
+        torch.testing.assert_close(a, p.grad)
