@@ -25,24 +25,20 @@ from pathlib import Path
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 
-def train(config: str, seed: int, max_steps: int, out: Path, extra: list[str]) -> tuple[Path, Path, float]:
+def train(config: str, seed: int, max_steps: int, out: Path, extra: list[str], model: str | None) -> tuple[Path, Path, float]:
     """One quickstart fit; returns (hf-last export, metrics.csv, seconds)."""
+    from derive_config import derive_config
     from etpo_lightning.cli.main import cli_main
 
     root = out / f"seed{seed}"
-    args = [
-        "fit", "--config", config, f"--seed_everything={seed}", f"--data.seed={seed}",
-        f"--trainer.max_steps={max_steps}", f"--trainer.default_root_dir={root}",
-        f"--trainer.logger.0.init_args.save_dir={root}", f"--trainer.logger.1.init_args.save_dir={root}",
-        f"--trainer.callbacks.2.init_args.dirpath={root}/checkpoints", *extra,
-    ]
+    derived = derive_config(config, root, seed=seed, max_steps=max_steps, model=model)
     start = time.time()
-    cli_main(args)
+    cli_main(["fit", "--config", str(derived), *extra])
     seconds = time.time() - start
-    metrics = sorted(root.glob("logs/version_*/metrics.csv"))[-1]
+    metrics = sorted(root.glob("*/version_*/metrics.csv"))[-1]
     return root / "checkpoints" / "hf-last", metrics, seconds
 
 
@@ -73,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dataset", default="quickstart")
     parser.add_argument("--out", default="runs/bench_learning")
     parser.add_argument("--label", default="ETPO")
+    parser.add_argument("--model", default=None, help="base model (default: the config's)")
     parser.add_argument("extra", nargs="*", help="further CLI overrides, e.g. --model.init_args.beta=0.1")
     args = parser.parse_args(argv)
     import yaml
@@ -80,9 +77,10 @@ def main(argv: list[str] | None = None) -> dict:
     max_steps = args.max_steps or yaml.safe_load(Path(args.config).read_text())["trainer"]["max_steps"]
     out = Path(args.out)
     rows, curves = [], {}
-    base = evaluate_model("tiny-sklearn-coder", args.samples, seed=12345, dataset=args.dataset)
+    base_model = args.model or yaml.safe_load(Path(args.config).read_text())["model"]["init_args"]["model_name_or_path"]
+    base = evaluate_model(base_model, args.samples, seed=12345, dataset=args.dataset)
     for seed in args.seeds:
-        hf_last, metrics_csv, seconds = train(args.config, seed, max_steps, out, args.extra)
+        hf_last, metrics_csv, seconds = train(args.config, seed, max_steps, out, args.extra, args.model)
         df = pd.read_csv(metrics_csv)
         trained = evaluate_model(str(hf_last), args.samples, seed=12345, dataset=args.dataset)
         rows.append({"seed": seed, "train_seconds": seconds, "trained": trained,
