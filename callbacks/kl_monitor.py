@@ -17,9 +17,15 @@ from etpo_lightning.losses import kl_and_entropy
 
 
 def read_heldout(path: str | Path) -> list[str]:
-    """Held-out texts: a ``.jsonl`` file with one ``{"text": ...}`` object per line."""
+    """Held-out texts: a ``.jsonl`` file with one object per line, either ``{"text": ...}`` or
+    ``{"prompt": ..., "body": ...}`` (the tiny coder's held-out samples: prompt + body)."""
+    texts = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f if line.strip()]
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                texts.append(record["text"] if "text" in record else record["prompt"] + record["body"])
+    return texts
 
 
 class KLMonitor(pl.Callback):

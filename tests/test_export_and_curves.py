@@ -89,3 +89,32 @@ def test_rollout_refresh_rejects_bad_interval(bad):
 
     with pytest.raises(ValueError, match="every_n_steps"):
         RolloutRefresh(every_n_steps=bad)
+
+
+def test_kl_monitor_heldout_perplexity_matches_independent_nll(tmp_path):
+    import json
+    import math
+    from types import SimpleNamespace
+
+    from etpo_lightning.callbacks import KLMonitor
+    from etpo_lightning.callbacks.kl_monitor import read_heldout
+    from etpo_lightning.tiny_coder.tokenizer import train_tokenizer
+
+    texts = ["def build_model(x_train, y_train):\n    return None\n", "import numpy as np\nx = np.zeros(3)\n"]
+    path = tmp_path / "heldout.jsonl"
+    # The two formats read_heldout accepts: {"text"} and the tiny coder's {"prompt", "body"}.
+    path.write_text(json.dumps({"text": texts[0]}) + "\n" + json.dumps({"prompt": texts[1][:10], "body": texts[1][10:]}) + "\n")
+    assert read_heldout(path) == texts
+    tokenizer = train_tokenizer(texts * 5, vocab_size=280)
+    model = tiny_llama(len(tokenizer), seed=4)
+    monitor = KLMonitor(heldout_path=str(path))
+    fake_module = SimpleNamespace(policy=model, device=torch.device("cpu"))
+    got = monitor.heldout_perplexity(fake_module, tokenizer)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:  # one at a time: no padding at all
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+            logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            nll -= logp.gather(-1, ids[0, 1:, None]).sum().item()
+            count += ids.shape[1] - 1
+    assert got == pytest.approx(math.exp(nll / count), rel=1e-4)

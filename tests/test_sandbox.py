@@ -229,7 +229,9 @@ def test_cannot_write_outside(env):
     body = f"    open({target!r}, 'w').write('x')\n"
     try:
         _, reward, _, info = env.step(body)
-        assert reward == -1.0 and info["error"].startswith("PermissionError")
+        # Refused either way: no write permission there, or (checkout under /tmp) the path
+        # does not exist in the sandbox's private /tmp.
+        assert reward == -1.0 and info["error"].startswith(("PermissionError", "FileNotFoundError"))
         assert not os.path.exists(target)
     finally:
         if os.path.exists(target):
