@@ -30,6 +30,7 @@ from etpo_lightning.tiny_coder import (
 )
 from etpo_lightning.tiny_coder import build as build_module
 from etpo_lightning.tiny_coder.__main__ import main as cli_main
+from etpo_lightning.tiny_coder.pretrain import body_perplexity, pretrain, short_prompt
 
 DEF = "def build_model(x_train, y_train):\n"
 TINY = dict(
@@ -166,7 +167,8 @@ def test_build_writes_a_loadable_checkpoint(tiny_build):
     tok = AutoTokenizer.from_pretrained(out)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.padding_side) == (0, 1, 2, "left")
-    assert (model.generation_config.eos_token_id, model.generation_config.pad_token_id) == (2, 0)
+    gen = model.generation_config
+    assert (gen.eos_token_id, gen.pad_token_id, gen.do_sample, gen.top_k, gen.top_p) == (2, 0, True, 0, 1.0)
     prompt = result.heldout[0].prompt
     assert tok(prompt).input_ids == result.tokenizer(prompt).input_ids
     ids = torch.tensor([tok(prompt).input_ids])
@@ -199,6 +201,27 @@ def test_same_seed_gives_identical_weights_and_other_seed_does_not(tiny_build, t
     assert not torch.equal(a["model.embed_tokens.weight"][:300], other.model.state_dict()["model.embed_tokens.weight"][:300])
 
 
+def test_baked_temperature_only_scales_the_logits():
+    plain = pretrain(TinyCoderConfig(**{**TINY, "bake_temperature": 1.0}), seed=0, progress=False)
+    baked = pretrain(TinyCoderConfig(**{**TINY, "bake_temperature": 0.5}), seed=0, progress=False)
+    assert plain.losses == baked.losses  # same training; the scaling comes after
+    ids = torch.tensor([plain.tokenizer(plain.heldout[0].prompt).input_ids])
+    with torch.no_grad():
+        assert torch.allclose(baked.model(ids).logits, 2 * plain.model(ids).logits, atol=1e-4)
+    assert baked.heldout_perplexity_unbaked == pytest.approx(plain.heldout_perplexity)
+    assert baked.heldout_perplexity != pytest.approx(plain.heldout_perplexity)
+    # The baked perplexity is that of the saved (scaled) model.
+    assert body_perplexity(baked.model, baked.tokenizer, baked.heldout, 256) == pytest.approx(baked.heldout_perplexity, rel=1e-4)
+
+
+def test_short_training_prompts_keep_what_the_body_depends_on(corpus):
+    for s in corpus[:50]:
+        short = short_prompt(s.prompt)
+        assert short.startswith("# x_train: float array of shape") and short.endswith(DEF)
+        assert s.prompt.endswith(short) and len(short) < len(s.prompt)
+        assert ("# Your previous build_model failed:" in short) == s.reflection
+
+
 def _counting_pretrain(monkeypatch):
     calls = []
     real = build_module.pretrain
@@ -213,7 +236,10 @@ def _counting_pretrain(monkeypatch):
 
 def test_ensure_builds_once_then_reuses(tmp_path, monkeypatch):
     calls = _counting_pretrain(monkeypatch)
+    stale = tmp_path / f".{checkpoint_dir(tmp_path, seed=0, **TINY).name}.building-killed"
+    stale.mkdir()  # what a killed build leaves behind
     path = ensure_tiny_coder(tmp_path, seed=0, progress=False, **TINY)
+    assert not stale.exists()
     assert path.parent == tmp_path and path.name.startswith("tiny-sklearn-coder-0-") and len(calls) == 1
     info, mtime = (path / "build_info.json").read_text(), (path / "model.safetensors").stat().st_mtime_ns
     assert ensure_tiny_coder(tmp_path, seed=0, progress=False, **TINY) == path

@@ -110,6 +110,7 @@ def save_build(result: PretrainResult, out_dir: Path, seed: int, config: TinyCod
         "final_loss": sum(result.losses[-n:]) / max(n, 1),
         "losses": [round(x, 5) for x in result.losses],
         "heldout_body_perplexity": result.heldout_perplexity,
+        "heldout_body_perplexity_unbaked": result.heldout_perplexity_unbaked,
         "n_train_samples": len(result.train),
         "n_heldout_samples": len(result.heldout),
         "failing_share_train": sum(s.kind != "ok" for s in result.train) / max(len(result.train), 1),
@@ -172,6 +173,9 @@ def ensure_tiny_coder(
         # Another process may have finished the build while this one waited for the lock.
         if not rebuild and is_complete(path, seed, config):
             return path
+        # Left by builds that were killed; nobody else builds this name while we hold the lock.
+        for stale in path.parent.glob(f".{path.name}.building-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
         try:
             build_tiny_coder(tmp, seed, config, progress, num_threads)

@@ -358,7 +358,7 @@ def sample_program(rng: random.Random, ctx: Ctx) -> Program:
         steps=steps,
         assemble=assemble,
         finish=finish,
-        imports=rng.choices(["from", "module"], weights=[9, 1])[0],
+        imports=rng.choices(["from", "module"], weights=[15, 1])[0],
         var=rng.choice(["model", "model", "model", "clf", "pipe", "estimator"]),
         # One quote style: mixing them buys no variety worth having and, for a model this
         # small, invites mismatched quotes.
