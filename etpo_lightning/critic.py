@@ -18,12 +18,36 @@ class TokenQCritic(nn.Module):
     rho * exp(Q / beta) is rho itself and early policy updates follow only what the critic
     has learned from rewards. Subclass this (or pass any module with the same ``forward``)
     to use a shared backbone or a separate head.
+
+    ``head_init="dueling"`` zeroes the head too and adds a state-value head v (zero-initialised):
+
+        Q(h, w) = v(h) + A(h, w) - sum_w' rho(w'|h) A(h, w')
+
+    where A is the (zeroed) LM head's output. With a plain zeroed head, only the rows of tokens
+    that were actually sampled ever move, so every token never tried keeps Q = 0; when most
+    programs fail (rewards near -1) the sampled tokens fall below the untried ones and the
+    Boltzmann target rho * exp(Q / beta) pours the policy's mass onto tokens rho hardly ever
+    writes. Here an untried token's Q follows v(h), the critic's estimate of the history's
+    value, and only tokens whose outcome differs from what rho would do on average move away
+    from it. Q is still a full-vocabulary output; its forward needs rho's logits.
+
+    ``advantage_scale`` s multiplies A (Q = v + s * (A - E_rho[A])). Adam moves every
+    parameter by about its learning rate whatever the gradient's size, so with s = 1 the
+    sampled token's row takes as much of each TD error as v does, also of the errors that
+    only say "this history is worse than v thought"; the policy then learns to avoid the
+    tokens rho writes most. s < 1 slows A by that factor: v takes up the level, A keeps what
+    is consistent across samples.
     """
 
-    def __init__(self, backbone: nn.Module, head_init: Literal["copy", "zero"] = "copy") -> None:
+    def __init__(self, backbone: nn.Module, head_init: Literal["copy", "zero", "dueling"] = "copy",
+                 advantage_scale: float = 1.0) -> None:
         super().__init__()
+        if not advantage_scale > 0:
+            raise ValueError(f"advantage_scale must be > 0, got {advantage_scale}")
         self.backbone = backbone
-        if head_init == "zero":
+        self.advantage_scale = advantage_scale
+        self.value_head: nn.Linear | None = None
+        if head_init in ("zero", "dueling"):
             head = backbone.get_output_embeddings()
             if head is None:
                 raise ValueError("head_init='zero' needs a backbone with an output embedding layer")
@@ -35,15 +59,41 @@ class TokenQCritic(nn.Module):
                 head.weight.zero_()
                 if getattr(head, "bias", None) is not None:
                     head.bias.zero_()
+            if head_init == "dueling":
+                self.value_head = nn.Linear(head.weight.shape[1], 1, dtype=head.weight.dtype, device=head.weight.device)
+                nn.init.zeros_(self.value_head.weight)
+                nn.init.zeros_(self.value_head.bias)
         elif head_init != "copy":
-            raise ValueError(f"head_init must be 'copy' or 'zero', got {head_init!r}")
+            raise ValueError(f"head_init must be 'copy', 'zero' or 'dueling', got {head_init!r}")
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether ``forward`` needs rho's logits (the dueling head centres A under rho)."""
+        return self.value_head is not None
 
     @classmethod
-    def from_policy(cls, policy: nn.Module, head_init: Literal["copy", "zero"] = "copy") -> TokenQCritic:
+    def from_policy(cls, policy: nn.Module, head_init: Literal["copy", "zero", "dueling"] = "copy",
+                    advantage_scale: float = 1.0) -> TokenQCritic:
         """A critic whose backbone is an independent copy of ``policy``."""
-        return cls(copy.deepcopy(policy), head_init=head_init)
+        return cls(copy.deepcopy(policy), head_init=head_init, advantage_scale=advantage_scale)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None) -> Tensor:
-        """Q values ``[B, T, V]`` for the next token at every position of ``input_ids``."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        return out.logits
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                ref_logits: Tensor | None = None) -> Tensor:
+        """Q values ``[B, T, V]`` for the next token at every position of ``input_ids``.
+
+        ``ref_logits``: rho's logits ``[B, T, V]`` at the same positions; needed (and only
+        used) by the dueling head.
+        """
+        dueling = self.value_head is not None
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False, output_hidden_states=dueling)
+        if not dueling:
+            return out.logits
+        if ref_logits is None:
+            raise ValueError("the dueling Q-head centres its advantages under rho: pass ref_logits")
+        advantages = out.logits.float()
+        # hidden_states[-1] is the (final-normed) input of the LM head in Hugging Face causal LMs.
+        value = self.value_head(out.hidden_states[-1]).float()
+        rho = torch.softmax(ref_logits.float(), dim=-1)
+        baseline = (rho * advantages).sum(-1, keepdim=True)
+        return (value + self.advantage_scale * (advantages - baseline)).to(out.logits.dtype)

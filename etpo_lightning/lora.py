@@ -202,7 +202,8 @@ class LoRAETPOModule(ETPOModule):
             raise ValueError("LoRAETPOModule needs critic_head_init='copy': the critic shares the base's LM head")
         self.shared_lora: SharedLoRA | None = None
         super().__init__(model_name_or_path, beta, gamma, policy_lr, critic_lr, tau, huber_delta, gradient_clip_val,
-                         optimizer, weight_decay, critic_head_init, chunk_size, policy, critic, reference)
+                         optimizer, weight_decay, critic_head_init, chunk_size=chunk_size, policy=policy,
+                         critic=critic, reference=reference)
 
     def attach_models(self, policy: nn.Module, critic: nn.Module | None, reference: nn.Module | None) -> None:
         """Wrap the base ``policy`` with the three adapters and build the four views."""

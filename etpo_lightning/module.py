@@ -53,7 +53,11 @@ class ETPOModule(TokenRLModule):
         optimizer: Import path of the optimizer class used for both networks.
         weight_decay: Weight decay of both optimizers.
         critic_head_init: ``copy``: the critic is a full copy of the policy LM, as in the
-            paper; ``zero``: its output head is zeroed so Q starts at 0 everywhere.
+            paper; ``zero``: its output head is zeroed so Q starts at 0 everywhere;
+            ``dueling``: zeroed head plus a state-value head, Q = v + A - E_rho[A], so tokens
+            never sampled follow the history's value instead of staying at 0 (see TokenQCritic).
+        critic_advantage_scale: With ``dueling``: Q = v + s * (A - E_rho[A]); s < 1 makes
+            the per-token advantages learn s times slower than the value (see TokenQCritic).
         chunk_size: Positions per chunk of the full-vocabulary computations (bounds memory).
         policy: An already built policy (tests, custom models); overrides ``model_name_or_path``.
         critic: An already built critic returning Q ``[B, T, V]`` from ``(input_ids,
@@ -73,7 +77,8 @@ class ETPOModule(TokenRLModule):
         gradient_clip_val: float | None = 1.0,
         optimizer: str = "torch.optim.AdamW",
         weight_decay: float = 0.0,
-        critic_head_init: Literal["copy", "zero"] = "copy",
+        critic_head_init: Literal["copy", "zero", "dueling"] = "copy",
+        critic_advantage_scale: float = 1.0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         policy: nn.Module | None = None,
         critic: nn.Module | None = None,
@@ -85,8 +90,10 @@ class ETPOModule(TokenRLModule):
             raise ValueError(f"gamma must be in [0, 1], got gamma={gamma}")
         if not 0 < tau <= 1:
             raise ValueError(f"tau must be in (0, 1], got tau={tau}")
-        if critic_head_init not in ("copy", "zero"):
-            raise ValueError(f"critic_head_init must be 'copy' or 'zero', got {critic_head_init!r}")
+        if critic_head_init not in ("copy", "zero", "dueling"):
+            raise ValueError(f"critic_head_init must be 'copy', 'zero' or 'dueling', got {critic_head_init!r}")
+        if not critic_advantage_scale > 0:
+            raise ValueError(f"critic_advantage_scale must be > 0, got {critic_advantage_scale}")
         self.target_critic: nn.Module | None = None
         super().__init__(model_name_or_path, policy_lr, critic_lr, gradient_clip_val, optimizer,
                          weight_decay, chunk_size, policy, critic, reference)
@@ -94,7 +101,8 @@ class ETPOModule(TokenRLModule):
     # ------------------------------------------------------------------ models
     def build_critic(self, policy: nn.Module) -> nn.Module:
         """The critic when none is injected: a token Q-head on a copy of the policy LM."""
-        return TokenQCritic.from_policy(policy, head_init=self.hparams.critic_head_init)
+        return TokenQCritic.from_policy(policy, head_init=self.hparams.critic_head_init,
+                                        advantage_scale=self.hparams.critic_advantage_scale)
 
     def attach_models(self, policy: nn.Module, critic: nn.Module | None, reference: nn.Module | None) -> None:
         super().attach_models(policy, critic, reference)
@@ -107,10 +115,11 @@ class ETPOModule(TokenRLModule):
     def bootstrap_values(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
         """V(s) ``[B]`` at the first position of observations: the soft value with the target
         critic, the policy and rho, stored as ``next_values`` at rollout time."""
-        q = self.prompt_outputs(self.target_critic, prompt_ids, prompt_mask)
-        pi = self.prompt_outputs(self.policy, prompt_ids, prompt_mask)
-        rho = self.prompt_outputs(self.reference, prompt_ids, prompt_mask)
-        return soft_values(q, pi, rho, self.hparams.beta, self.hparams.chunk_size)
+        inputs = self.model_inputs(prompt_ids, prompt_mask)
+        rho = self.outputs(self.reference, inputs)
+        q = self.outputs(self.target_critic, inputs, ref_logits=rho)[:, -1]
+        pi = self.outputs(self.policy, inputs)[:, -1]
+        return soft_values(q, pi, rho[:, -1], self.hparams.beta, self.hparams.chunk_size)
 
     # ------------------------------------------------- overridable ETPO parts
     def compute_targets(self, values: Tensor, batch: TransitionBatch) -> Tensor:
@@ -140,11 +149,15 @@ class ETPOModule(TokenRLModule):
     # ------------------------------------------------------------ training
     def compute_losses(self, batch: TransitionBatch) -> dict[str, Tensor]:
         """Forward all four networks on ``batch``; the two losses and the statistics to log."""
-        policy_logits = self.action_outputs(self.policy, batch)
-        q = self.action_outputs(self.critic, batch)
+        inputs = self.model_inputs(batch.prompt_ids, batch.prompt_mask, batch.action_ids, batch.action_mask)
+        start = batch.prompt_ids.shape[1] - 1  # the history where action token 1 is chosen
         with torch.no_grad():
-            ref_logits = self.action_outputs(self.reference, batch)
-            q_target = self.action_outputs(self.target_critic, batch)
+            ref_all = self.outputs(self.reference, inputs)
+        ref_logits = ref_all[:, start:]
+        policy_logits = self.outputs(self.policy, inputs)[:, start:]
+        q = self.outputs(self.critic, inputs, ref_logits=ref_all)[:, start:]
+        with torch.no_grad():
+            q_target = self.outputs(self.target_critic, inputs, ref_logits=ref_all)[:, start:]
             values = soft_values(q_target, policy_logits.detach(), ref_logits, self.hparams.beta, self.hparams.chunk_size)
             targets = self.compute_targets(values, batch)
         q_taken = q.gather(-1, batch.action_ids.unsqueeze(-1)).squeeze(-1)

@@ -200,9 +200,14 @@ class TokenRLModule(pl.LightningModule):
         return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
 
     @staticmethod
-    def outputs(model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
-        """Per-position outputs ``[B, T, V]`` of an LM (its logits) or of a critic (a tensor)."""
-        out = model(**inputs) if isinstance(model, TokenQCritic) else model(**inputs, use_cache=False)
+    def outputs(model: nn.Module, inputs: dict[str, Tensor], ref_logits: Tensor | None = None) -> Tensor:
+        """Per-position outputs ``[B, T, V]`` of an LM (its logits) or of a critic (a tensor).
+
+        ``ref_logits`` (rho's logits at the same positions) go to critics that need them."""
+        if isinstance(model, TokenQCritic):
+            out = model(**inputs, ref_logits=ref_logits) if model.needs_reference else model(**inputs)
+        else:
+            out = model(**inputs, use_cache=False)
         return out if isinstance(out, Tensor) else out.logits
 
     def action_outputs(self, model: nn.Module, batch: TransitionBatch) -> Tensor:

@@ -9,6 +9,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
 from etpo_lightning import ETPOModule, TokenQCritic, TransitionBatch
+from etpo_lightning.batch import Transition
 from etpo_lightning.losses import policy_loss, soft_values
 from helpers import random_transition_batch, tiny_llama
 
@@ -166,7 +167,8 @@ def test_nonfinite_loss_skips_the_step(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(beta=0.0), "beta must be > 0"), (dict(tau=0.0), "tau"), (dict(gamma=1.5), "gamma")],
+    [(dict(beta=0.0), "beta must be > 0"), (dict(tau=0.0), "tau"), (dict(gamma=1.5), "gamma"),
+     (dict(critic_head_init="zeros"), "critic_head_init"), (dict(critic_advantage_scale=0.0), "critic_advantage_scale")],
 )
 def test_bad_hyperparameters_name_the_setting(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -191,3 +193,68 @@ def test_policy_loss_gradient_matches_functional_core():
     want = policy_loss(logits, ref, q, batch.action_mask, 0.1)
     assert out["policy_loss"].item() == pytest.approx(want.item(), rel=1e-6)
     copy.deepcopy(module)  # modules must stay deep-copyable (checkpoint callbacks, EMA tools)
+
+
+def test_dueling_head_is_value_plus_rho_centred_advantage():
+    """Q = v + s * (A - E_rho[A]), checked against the backbone's hidden states and both heads."""
+    policy = tiny_llama(VOCAB, seed=0)
+    critic = TokenQCritic.from_policy(policy, head_init="dueling", advantage_scale=0.5)
+    batch = random_transition_batch(VOCAB, seed=5)
+    inputs = ETPOModule.model_inputs(batch.prompt_ids, batch.prompt_mask, batch.action_ids, batch.action_mask)
+    rho = policy(**inputs).logits.detach()
+    # Q starts at 0 for every token: the Boltzmann target is rho itself.
+    assert torch.equal(critic(**inputs, ref_logits=rho), torch.zeros_like(rho))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in (critic.backbone.get_output_embeddings().weight, critic.value_head.weight, critic.value_head.bias):
+            p.normal_()
+        q = critic(**inputs, ref_logits=rho)
+        hidden = critic.backbone(**inputs, output_hidden_states=True).hidden_states[-1]
+    a = hidden @ critic.backbone.get_output_embeddings().weight.T
+    v = hidden @ critic.value_head.weight.T + critic.value_head.bias
+    expected = v + 0.5 * (a - (torch.softmax(rho, -1) * a).sum(-1, keepdim=True))
+    torch.testing.assert_close(q, expected, atol=1e-4, rtol=1e-4)
+    # E_rho[Q] is the value head's output.
+    torch.testing.assert_close((torch.softmax(rho, -1) * q).sum(-1), v.squeeze(-1), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="ref_logits"):
+        critic(**inputs)
+
+
+@pytest.mark.parametrize("head_init", ["zero", "dueling"])
+def test_failed_episodes_do_not_push_the_target_off_what_rho_writes(tmp_path, head_init):
+    """A confident rho writes its greedy programs and every one fails (reward -1). A zeroed head
+    lowers only the sampled tokens' rows while every other token keeps Q = 0, so the Boltzmann
+    target rho*exp(Q/beta)/Z moves its mass off the tokens rho writes, onto tokens it hardly
+    ever writes; the dueling head lowers the history's value instead and the target stays near rho."""
+    policy = tiny_llama(VOCAB, seed=0)
+    with torch.no_grad():
+        policy.get_output_embeddings().weight.mul_(100.0)  # a confident LM, like a pretrained one
+    g = torch.Generator().manual_seed(0)
+    transitions = []
+    for i in range(8):
+        prompt = torch.randint(3, VOCAB, (int(torch.randint(3, 8, (1,), generator=g)),), generator=g)
+        with torch.no_grad():
+            out = policy.generate(prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                  max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+        transitions.append(Transition(prompt, out[0, len(prompt):], reward=-1.0, done=True, next_value=0.0))
+    batch = TransitionBatch.collate(transitions, pad_token_id=0)
+    module = ETPOModule(policy=policy, beta=0.1, gamma=0.9, policy_lr=1e-9, critic_lr=3e-3, tau=0.05,
+                        critic_head_init=head_init)
+    _trainer(tmp_path, max_steps=30).fit(module, _loader(batch, 30))
+    with torch.no_grad():
+        inputs = module.model_inputs(batch.prompt_ids, batch.prompt_mask, batch.action_ids, batch.action_mask)
+        start = batch.prompt_ids.shape[1] - 1
+        rho_all = module.outputs(module.reference, inputs)
+        q = module.outputs(module.critic, inputs, ref_logits=rho_all)[:, start:]
+        log_rho = torch.log_softmax(rho_all[:, start:].float(), -1)
+        log_target = torch.log_softmax(log_rho + q / 0.1, -1)
+    taken = batch.action_ids.unsqueeze(-1)
+    mask = batch.action_mask
+    rho_taken = log_rho.gather(-1, taken).squeeze(-1).exp()[mask]
+    target_taken = log_target.gather(-1, taken).squeeze(-1).exp()[mask]
+    assert rho_taken.mean() > 0.8  # rho does write these tokens
+    # Measured: zero 0.90 -> 0.52, dueling 0.90 -> 0.70 (the gap A_t still takes part of the blame).
+    if head_init == "zero":
+        assert target_taken.mean() < 0.65 * rho_taken.mean()
+    else:
+        assert target_taken.mean() > 0.72 * rho_taken.mean()
