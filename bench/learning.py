@@ -28,16 +28,26 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def train(config: str, seed: int, max_steps: int, out: Path, extra: list[str], model: str | None) -> tuple[Path, Path, float]:
-    """One quickstart fit; returns (hf-last export, metrics.csv, seconds)."""
+def train(config: str, seed: int, max_steps: int, out: Path, extra: list[str], model: str | None,
+          reuse: bool = False) -> tuple[Path, Path, float]:
+    """One quickstart fit; returns (hf-last export, metrics.csv, seconds).
+
+    With ``reuse``, a seed whose fit already finished in ``out`` (its ``run_info.json``
+    written) is not trained again: only its evaluation is redone (same numbers, it is seeded).
+    """
     from derive_config import derive_config
     from etpo_lightning.cli.main import cli_main
 
     root = out / f"seed{seed}"
-    derived = derive_config(config, root, seed=seed, max_steps=max_steps, model=model)
-    start = time.time()
-    cli_main(["fit", "--config", str(derived), *extra])
-    seconds = time.time() - start
+    info = root / "run_info.json"
+    if reuse and info.exists() and (root / "checkpoints" / "hf-last").exists():
+        seconds = json.loads(info.read_text())["train_seconds"]
+    else:
+        derived = derive_config(config, root, seed=seed, max_steps=max_steps, model=model)
+        start = time.time()
+        cli_main(["fit", "--config", str(derived), *extra])
+        seconds = time.time() - start
+        info.write_text(json.dumps({"train_seconds": seconds, "config": config, "max_steps": max_steps}))
     metrics = sorted(root.glob("*/version_*/metrics.csv"))[-1]
     return root / "checkpoints" / "hf-last", metrics, seconds
 
@@ -70,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="runs/bench_learning")
     parser.add_argument("--label", default="ETPO")
     parser.add_argument("--model", default=None, help="base model (default: the config's)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep seeds whose fit already finished in --out (re-evaluate them only)")
     parser.add_argument("extra", nargs="*", help="further CLI overrides, e.g. --model.init_args.beta=0.1")
     args = parser.parse_args(argv)
     import yaml
@@ -80,14 +92,16 @@ def main(argv: list[str] | None = None) -> dict:
     base_model = args.model or yaml.safe_load(Path(args.config).read_text())["model"]["init_args"]["model_name_or_path"]
     base = evaluate_model(base_model, args.samples, seed=12345, dataset=args.dataset)
     for seed in args.seeds:
-        hf_last, metrics_csv, seconds = train(args.config, seed, max_steps, out, args.extra, args.model)
+        hf_last, metrics_csv, seconds = train(args.config, seed, max_steps, out, args.extra, args.model, args.reuse)
         df = pd.read_csv(metrics_csv)
         trained = evaluate_model(str(hf_last), args.samples, seed=12345, dataset=args.dataset)
         rows.append({"seed": seed, "train_seconds": seconds, "trained": trained,
                      "kl_end": last(df, "monitor/kl"), "perplexity_end": last(df, "monitor/perplexity"),
                      "perplexity_start": float(df["monitor/perplexity"].dropna().iloc[0]) if "monitor/perplexity" in df else float("nan"),
                      "env_steps": last(df, "rollout/env_steps")})
-        curves[seed] = df[["step", "rollout/reward_mean"]].dropna().drop_duplicates("rollout/reward_mean")
+        # One row per collection; the logged step counts training batches.
+        curve = df[["step", "rollout/reward_mean", "rollout/env_steps"]].dropna().drop_duplicates("rollout/env_steps")
+        curves[seed] = curve.assign(batch=curve["step"])
         print(f"seed {seed}: trained {trained} in {seconds:.0f} s", flush=True)
 
     t = [r["trained"] for r in rows]
@@ -120,7 +134,7 @@ def _plot(curves: dict, base_reward: float, path: Path, label: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for seed, df in curves.items():
-        ax.plot(df["step"], df["rollout/reward_mean"], label=f"{label} seed {seed}", alpha=0.8)
+        ax.plot(df["batch"], df["rollout/reward_mean"], label=f"{label} seed {seed}", alpha=0.8)
     ax.axhline(base_reward, color="k", ls="--", lw=1, label="base model (sampled)")
     ax.set_xlabel("training batch")
     ax.set_ylabel("mean reward of a rollout")
