@@ -64,6 +64,11 @@ def last(df: pd.DataFrame, key: str) -> float:
     return float(df[key].dropna().iloc[-1]) if key in df and df[key].notna().any() else float("nan")
 
 
+def results_stem(label: str) -> str:
+    """File stem of a label's results in bench/results/ (``learning`` for ETPO)."""
+    return "learning" if label == "ETPO" else f"learning_{label.lower()}"
+
+
 def mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
               "base": base, "runs": rows, "table": "\n".join(table)}
     results_dir = HERE / "results"
     results_dir.mkdir(exist_ok=True)
-    stem = "learning" if args.label == "ETPO" else f"learning_{args.label.lower()}"
+    stem = results_stem(args.label)
     (results_dir / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str))
     (results_dir / f"{stem}.md").write_text(result["table"] + "\n")
     _plot(curves, base["reward_mean"], results_dir / f"{stem}.png", args.label)

@@ -20,12 +20,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from learning import mean_std, results_stem
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-
-
-def results_file(label: str) -> Path:
-    return RESULTS / ("learning.json" if label == "ETPO" else f"learning_{label.lower()}.json")
 
 
 def seed_curves(run_dir: Path) -> list[pd.DataFrame]:
@@ -45,12 +43,6 @@ def seed_curves(run_dir: Path) -> list[pd.DataFrame]:
     return curves
 
 
-def spread(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", action="append", required=True, metavar="LABEL=DIR",
@@ -64,27 +56,26 @@ def main(argv: list[str] | None = None) -> dict:
               "gain over base | KL to rho at end (nats/token) | held-out perplexity at end | minutes per run |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label in runs:
-        result = json.loads(results_file(label).read_text())
+        result = json.loads((RESULTS / f"{results_stem(label)}.json").read_text())
         if base is None:
-            base = result["base"]
+            base, samples = result["base"], result["samples"]
             ppl0 = [r["perplexity_start"] for r in result["runs"]]
             rows.append(f"| base model (tiny coder, sampled) | 0 | 0 | - | {base['reward_mean']:.3f} | "
-                        f"{base['success_rate']:.2f} | {base['auc_best']:.3f} | - | 0 | {spread(ppl0)} | - |")
+                        f"{base['success_rate']:.2f} | {base['auc_best']:.3f} | - | 0 | {mean_std(ppl0)} | - |")
         trained = [r["trained"] for r in result["runs"]]
         gains = [t["reward_mean"] - result["base"]["reward_mean"] for t in trained]
         summary[label] = {"reward_mean": [t["reward_mean"] for t in trained], "gain": gains,
                           "success_rate": [t["success_rate"] for t in trained],
                           "kl_end": [r["kl_end"] for r in result["runs"]], "max_steps": result["max_steps"]}
         rows.append(
-            f"| {label} | {result['max_steps']} | {statistics.mean(r['env_steps'] for r in result['runs']):.0f} | {len(trained)} | {spread([t['reward_mean'] for t in trained])} | "
-            f"{spread([t['success_rate'] for t in trained])} | {spread([t['auc_best'] for t in trained])} | "
-            f"{spread(gains)} | {spread([r['kl_end'] for r in result['runs']])} | "
-            f"{spread([r['perplexity_end'] for r in result['runs']])} | "
+            f"| {label} | {result['max_steps']} | {statistics.mean(r['env_steps'] for r in result['runs']):.0f} | {len(trained)} | {mean_std([t['reward_mean'] for t in trained])} | "
+            f"{mean_std([t['success_rate'] for t in trained])} | {mean_std([t['auc_best'] for t in trained])} | "
+            f"{mean_std(gains)} | {mean_std([r['kl_end'] for r in result['runs']])} | "
+            f"{mean_std([r['perplexity_end'] for r in result['runs']])} | "
             f"{statistics.mean(r['train_seconds'] for r in result['runs']) / 60:.1f} |")
     table = "\n".join(header + rows)
     RESULTS.mkdir(exist_ok=True)
-    out = {"runs": runs, "base": base, "summary": summary, "table": table,
-           "samples": json.loads(results_file(next(iter(runs))).read_text())["samples"]}
+    out = {"runs": runs, "base": base, "summary": summary, "table": table, "samples": samples}
     (RESULTS / "learning_compare.json").write_text(json.dumps(out, indent=2))
     (RESULTS / "learning_compare.md").write_text(table + "\n")
     _plot({label: seed_curves(Path(d)) for label, d in runs.items()}, base["reward_mean"], args.smooth,
