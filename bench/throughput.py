@@ -69,7 +69,7 @@ def make_batch(batch: int, prompt_tokens: int, action_tokens: int, vocab_size: i
         a = int(torch.randint(action_tokens // 2, action_tokens + 1, (1,), generator=g))
         transitions.append(Transition(torch.randint(3, vocab_size, (p,), generator=g),
                                       torch.randint(3, vocab_size, (a,), generator=g),
-                                      reward=float(torch.rand(1, generator=g)), done=bool(i % 2),
+                                      reward=float(torch.rand(1, generator=g)), terminated=bool(i % 2),
                                       next_value=float(torch.rand(1, generator=g))))
     return TransitionBatch.collate(transitions, pad_token_id=0)
 

@@ -202,13 +202,21 @@ class RolloutDataModule(pl.LightningDataModule):
         return ids.to(device), mask.to(device)
 
     @torch.no_grad()
-    def generate(self, module: pl.LightningModule, prompts: list[Tensor]) -> list[Tensor]:
-        """Sample one action per prompt with the module's policy (up to and including EOS)."""
+    def generate(self, module: pl.LightningModule, prompts: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Sample one action per prompt with the module's policy (up to and including EOS).
+
+        Returns the actions and, for every sampled token, its log-probability under the
+        distribution it was actually drawn from: the policy in eval mode (no dropout) after
+        ``generate``'s temperature / top-k / top-p processing. That is the behaviour policy
+        mu of off-policy corrections (Retrace traces, PPO ratios); at temperature 1 with no
+        top-k/top-p it is the policy itself.
+        """
         hp, policy = self.hparams, module.policy
         was_training = policy.training
         policy.eval()
         eos = self.tokenizer.eos_token_id
         actions: list[Tensor] = []
+        logprobs: list[Tensor] = []
         try:
             for start in range(0, len(prompts), hp.generation_batch_size):
                 ids, mask = self._pad_left(prompts[start:start + hp.generation_batch_size], module.device)
@@ -217,16 +225,26 @@ class RolloutDataModule(pl.LightningDataModule):
                 with module.generation_context(policy):
                     out = policy.generate(
                         input_ids=ids, attention_mask=mask.long(), do_sample=True, temperature=hp.temperature,
-                        top_k=hp.top_k or None, top_p=hp.top_p, max_new_tokens=hp.max_new_tokens,
+                        top_k=hp.top_k, top_p=hp.top_p, max_new_tokens=hp.max_new_tokens,
                         pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos, use_cache=True,
+                        output_scores=True, return_dict_in_generate=True,
                         **module.generation_kwargs(),
                     )
-                for row in out[:, ids.shape[1]:].cpu():
+                new_tokens = out.sequences[:, ids.shape[1]:]
+                # out.scores[t] [B, V]: the processed logits token t was sampled from. Only the
+                # taken token's log-probability is kept (one float per token).
+                taken = torch.stack([
+                    torch.log_softmax(step.float(), dim=-1).gather(-1, new_tokens[:, t, None]).squeeze(-1)
+                    for t, step in enumerate(out.scores)
+                ], dim=1).cpu() if out.scores else torch.zeros(new_tokens.shape, dtype=torch.float32)
+                for row, row_logp in zip(new_tokens.cpu(), taken):
                     ends = (row == eos).nonzero()
-                    actions.append(row[: int(ends[0]) + 1] if len(ends) else row)
+                    n = int(ends[0]) + 1 if len(ends) else row.numel()
+                    actions.append(row[:n])
+                    logprobs.append(row_logp[:n].clone())
         finally:
             policy.train(was_training)
-        return actions
+        return actions, logprobs
 
     def decode_action(self, action_ids: Tensor) -> str:
         return self.tokenizer.decode(action_ids, skip_special_tokens=True)
@@ -238,17 +256,26 @@ class RolloutDataModule(pl.LightningDataModule):
         if self._observations is None:
             self._observations = venv.reset()
         transitions: list[Transition] = []
-        rewards, successes, errors, finished_lengths = [], [], [], []
+        rewards, successes, errors, finished_lengths, truncations = [], [], [], [], 0
         steps = tqdm(range(hp.rollout_steps), desc="rollout", leave=False, disable=hp.rollout_steps < 2)
         for _ in steps:
             prompts = self.encode_prompts(self._observations)
-            actions = self.generate(module, prompts)
+            actions, logprobs = self.generate(module, prompts)
             texts = [self.decode_action(a) for a in actions]
             next_obs, step_rewards, dones, infos = venv.step(texts)
-            next_prompts = self.encode_prompts(next_obs)
-            next_values = self._next_values(module, next_prompts, dones)
+            truncated = [bool(d and info.get("truncated", False)) for d, info in zip(dones, infos)]
+            terminated = [bool(d) and not t for d, t in zip(dones, truncated)]
+            # The observation each transition leads to: after auto-reset, a truncated episode's
+            # is the one it would have continued from (final_observation); a terminated one has none.
+            following = [info.get("final_observation", "") if t else o for o, t, info in zip(next_obs, truncated, infos)]
+            next_prompts = self.encode_prompts(["" if term else f for f, term in zip(following, terminated)])
+            next_values = (self._next_values(module, next_prompts, terminated)
+                           if getattr(module, "bootstraps_at_rollout", True) else [0.0] * len(next_prompts))
             for i in range(hp.num_envs):
-                transitions.append(Transition(prompts[i], actions[i], float(step_rewards[i]), bool(dones[i]), float(next_values[i])))
+                transitions.append(Transition(
+                    prompts[i], actions[i], float(step_rewards[i]), terminated=terminated[i], truncated=truncated[i],
+                    next_value=float(next_values[i]), logprobs=logprobs[i], next_prompt_ids=next_prompts[i],
+                ))
                 self._episode_lengths[i] += 1
                 if dones[i]:
                     finished_lengths.append(self._episode_lengths[i])
@@ -257,9 +284,9 @@ class RolloutDataModule(pl.LightningDataModule):
                     self.best_reward, self.best_action = float(step_rewards[i]), texts[i]
                 successes.append(bool(infos[i].get("success", False)))
                 errors.append(infos[i].get("error") is not None)
+            truncations += sum(truncated)
             rewards.extend(float(r) for r in step_rewards)
             self._observations = next_obs
-        self._attach_logprobs(module, transitions)
         self.replay.append(transitions)
         self.collections += 1
         self.env_steps += len(transitions)
@@ -270,33 +297,26 @@ class RolloutDataModule(pl.LightningDataModule):
             "rollout/success_rate": sum(successes) / len(successes),
             "rollout/error_rate": sum(errors) / len(errors),
             "rollout/episode_len": (sum(finished_lengths) / len(finished_lengths)) if finished_lengths else float("nan"),
+            "rollout/truncated_rate": truncations / len(transitions),
             "rollout/action_tokens": sum(t.action_ids.numel() for t in transitions) / len(transitions),
             "rollout/best_reward": self.best_reward,
             "rollout/env_steps": float(self.env_steps),
         }
         return transitions
 
-    def _next_values(self, module: pl.LightningModule, next_prompts: list[Tensor], dones: list[bool]) -> list[float]:
-        """V(s') at the first position of each next observation; 0 where the episode ended."""
+    def _next_values(self, module: pl.LightningModule, next_prompts: list[Tensor], terminated: list[bool]) -> list[float]:
+        """V(s') at the first position of each next observation; 0 where the episode terminated."""
         values = [0.0] * len(next_prompts)
-        # Under FSDP every rank must make the same forward calls: forward all rows there.
-        rows = list(range(len(dones))) if module.under_fsdp() else [i for i, d in enumerate(dones) if not d]
+        # Under FSDP every rank must make the same forward calls: forward all rows there
+        # (a terminated row's empty prompt becomes one pad token; its value is discarded).
+        pad = torch.tensor([self.tokenizer.pad_token_id], dtype=torch.long)
+        rows = list(range(len(terminated))) if module.under_fsdp() else [i for i, d in enumerate(terminated) if not d]
         for start in range(0, len(rows), self.hparams.generation_batch_size):
             chunk = rows[start:start + self.hparams.generation_batch_size]
-            ids, mask = self._pad_left([next_prompts[i] for i in chunk], module.device)
+            ids, mask = self._pad_left([next_prompts[i] if next_prompts[i].numel() else pad for i in chunk], module.device)
             for i, v in zip(chunk, module.bootstrap_values(ids, mask).tolist()):
-                values[i] = 0.0 if dones[i] else v
+                values[i] = 0.0 if terminated[i] else v
         return values
-
-    def _attach_logprobs(self, module: pl.LightningModule, transitions: list[Transition]) -> None:
-        """log pi(w_j|h_j) of every sampled token under the policy that sampled it (4 bytes a token)."""
-        size = self.hparams.generation_batch_size
-        for start in range(0, len(transitions), size):
-            chunk = transitions[start:start + size]
-            batch = TransitionBatch.collate(chunk, self.tokenizer.pad_token_id).to(module.device)
-            logprobs = module.action_logprobs(batch).cpu()
-            for t, row in zip(chunk, logprobs):
-                t.logprobs = row[: t.action_ids.numel()].clone()
 
     # ----------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -315,10 +335,19 @@ class RolloutDataModule(pl.LightningDataModule):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.replay = deque([[Transition(**t) for t in c] for c in state["replay"]],
+        self.replay = deque([[Transition(**_upgrade(t)) for t in c] for c in state["replay"]],
                             maxlen=self.hparams.replay_collections)
         self.best_action, self.best_reward = state["best_action"], state["best_reward"]
         self.collections, self.env_steps = state["collections"], state["env_steps"]
         self.episodes_finished, self.latest_stats = state["episodes_finished"], state["latest_stats"]
         self._sample_rng.setstate(state["sample_rng"])
         self._refresh_requested = state["refresh_requested"]
+
+
+def _upgrade(fields: dict[str, Any]) -> dict[str, Any]:
+    """A stored transition from a checkpoint before terminal and truncated were separate
+    (one ``done`` field, which then meant either) loads as terminated, as it trained then."""
+    fields = dict(fields)
+    if "done" in fields:
+        fields["terminated"] = fields.pop("done")
+    return fields

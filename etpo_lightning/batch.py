@@ -1,10 +1,17 @@
 """The transition: what one environment step leaves for training, and its padded batch form.
 
 Storage is deliberately small: token ids and a few scalars per transition, plus the
-per-token log-probabilities the policy had when it sampled (4 bytes a token, for
-monitoring and for PPO-style baselines). No full-vocabulary tensor is ever stored:
-V(h) at the next observation is the only quantity ETPO needs from the future, and it
-is one number (``next_value``) computed on the device at rollout time.
+per-token log-probabilities of the distribution each token was sampled from (4 bytes a
+token: Retrace traces and PPO-style ratios need them). No full-vocabulary tensor is ever
+stored. From the future ETPO needs only V(s_{t+1}); it is evaluated when the transition
+is trained on, with the networks of that moment, from the next observation's token ids
+(``next_prompt_ids``), so a replayed bootstrap is never older than the batch.
+
+An episode ends in one of two ways, kept apart because they back up differently:
+``terminated`` (the task's own end: success, or an environment that cannot go on; no
+bootstrap) and ``truncated`` (the step limit ran out in a state that could go on; the
+target still bootstraps from V at ``next_prompt_ids``, the observation the agent would
+have seen next).
 """
 
 from __future__ import annotations
@@ -23,14 +30,16 @@ class Transition:
     prompt_ids: Tensor  # [P] int, the observation's tokens (already truncated by the datamodule)
     action_ids: Tensor  # [L] int, the generated tokens, EOS included when the policy emitted it
     reward: float
-    done: bool
-    next_value: float = 0.0  # V(s_{t+1}) at rollout time; 0 when the episode ended
-    logprobs: Tensor | None = None  # [L] float32, log pi_old(w_j | h_j) at sampling time
+    terminated: bool  # the episode ended in a terminal state: no bootstrap
+    truncated: bool = False  # the episode was cut by its step limit: bootstrap from next_prompt_ids
+    next_value: float = 0.0  # V(s_{t+1}) at rollout time (modules that bootstrap then); 0 if terminated
+    logprobs: Tensor | None = None  # [L] float32, log mu(w_j | h_j) of the sampling distribution
+    next_prompt_ids: Tensor | None = None  # [P'] int, the next observation's tokens; empty if terminated
 
     def nbytes(self) -> int:
-        """Bytes this transition holds in tensors (ids, log-probs) plus its three scalars."""
-        tensors = [self.prompt_ids, self.action_ids] + ([self.logprobs] if self.logprobs is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors) + 3 * 4
+        """Bytes this transition holds in tensors (ids, log-probs) plus its scalars."""
+        tensors = [self.prompt_ids, self.action_ids, self.logprobs, self.next_prompt_ids]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None) + 4 * 4
 
 
 @dataclass
@@ -47,9 +56,13 @@ class TransitionBatch:
     action_ids: Tensor  # [B, L] long
     action_mask: Tensor  # [B, L] bool
     rewards: Tensor  # [B] float32
-    dones: Tensor  # [B] float32 (1.0 = episode ended)
-    next_values: Tensor  # [B] float32
-    old_logprobs: Tensor | None = field(default=None)  # [B, L] float32, 0 at padding
+    dones: Tensor  # [B] float32, d_t of the spec: 1.0 = terminated (no bootstrap); truncation is 0
+    next_values: Tensor  # [B] float32, rollout-time V(s_{t+1})
+    old_logprobs: Tensor | None = field(default=None)  # [B, L] float32, log mu of the taken tokens, 0 at padding
+    # The next observations, LEFT-padded like the prompts, for bootstraps evaluated at training
+    # time; a terminated row holds one pad token (mask True) so every row has a valid input.
+    next_prompt_ids: Tensor | None = field(default=None)  # [B, P'] long
+    next_prompt_mask: Tensor | None = field(default=None)  # [B, P'] bool
     # Statistics of the rollout collection this batch was drawn from (rollout/reward_mean, ...),
     # carried with the batch so the module can log them under any strategy.
     rollout_stats: dict[str, float] | None = field(default=None)
@@ -73,15 +86,22 @@ class TransitionBatch:
         old_logprobs = None
         if all(t.logprobs is not None for t in transitions):
             old_logprobs, _ = _pad([t.logprobs.float() for t in transitions], 0.0, left=False)
+        next_ids = next_mask = None
+        if all(t.next_prompt_ids is not None for t in transitions):
+            pad = torch.tensor([pad_token_id], dtype=torch.long)
+            nexts = [t.next_prompt_ids.long() if t.next_prompt_ids.numel() else pad for t in transitions]
+            next_ids, next_mask = _pad(nexts, pad_token_id, left=True)
         return cls(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
             action_ids=action_ids,
             action_mask=action_mask,
             rewards=torch.tensor([float(t.reward) for t in transitions], dtype=torch.float32),
-            dones=torch.tensor([float(t.done) for t in transitions], dtype=torch.float32),
+            dones=torch.tensor([float(t.terminated) for t in transitions], dtype=torch.float32),
             next_values=torch.tensor([float(t.next_value) for t in transitions], dtype=torch.float32),
             old_logprobs=old_logprobs,
+            next_prompt_ids=next_ids,
+            next_prompt_mask=next_mask,
         )
 
 

@@ -109,6 +109,9 @@ class TokenRLModule(pl.LightningModule):
     """Base class; see the subclasses for the algorithms and their arguments."""
 
     optimizer_steps_per_batch = 2
+    # Whether the datamodule stores V(s_{t+1}) from ``bootstrap_values`` at rollout time
+    # (``next_values``); modules that evaluate bootstraps when training (ETPO) say False.
+    bootstraps_at_rollout = True
     # The hyperparameter weighting KL(pi || rho) in the objective (KLMonitor adapts it).
     kl_coef_hparam = "beta"
     # Shown in the progress bar; everything else goes to the loggers only.

@@ -38,7 +38,7 @@ def random_transition_batch(vocab_size: int = 64, batch: int = 4, seed: int = 0)
                 prompt_ids=torch.randint(3, vocab_size, (p_len,), generator=g),
                 action_ids=torch.randint(3, vocab_size, (a_len,), generator=g),
                 reward=float(torch.rand(1, generator=g)) * 2 - 1,
-                done=bool(i % 2),
+                terminated=bool(i % 2),
                 next_value=float(torch.rand(1, generator=g)),
             )
         )

@@ -51,23 +51,33 @@ def test_collect_shapes_chain_and_logprobs(tokenizer):
         assert t.logprobs.shape == t.action_ids.shape and (t.logprobs <= 0).all()
     # Prompts are the tokenized observations.
     assert tokenizer.decode(transitions[0].prompt_ids).startswith("Say the word '")
-    # Multi-step chaining: env i's step k (not done) bootstraps from V at the prompt of its step k+1.
+    # Multi-step chaining: env i's step k leads to the prompt of its step k+1 unless the
+    # episode terminated (no next observation) or was truncated (the observation it would
+    # have continued from, not the reset one).
     by_env = [transitions[i::3] for i in range(3)]
-    checked = 0
+    chained = 0
     for steps in by_env:
         for now, nxt in zip(steps, steps[1:]):
-            if now.done:
-                assert now.next_value == 0.0
-                continue
-            ids, mask = nxt.prompt_ids[None], torch.ones(1, nxt.prompt_ids.numel(), dtype=torch.bool)
-            assert now.next_value == pytest.approx(module.bootstrap_values(ids, mask).item(), abs=1e-5)
-            checked += 1
-    assert checked >= 3
-    # Stored log-probs are the policy's own, recomputed independently.
+            assert not (now.terminated and now.truncated)
+            if now.terminated:
+                assert now.next_prompt_ids.numel() == 0
+            elif not now.truncated:
+                assert torch.equal(now.next_prompt_ids, nxt.prompt_ids)
+                chained += 1
+    assert chained >= 3
+    # KeywordEnv(max_steps=3) over 3 steps: every episode that did not succeed was truncated.
+    last = [steps[-1] for steps in by_env]
+    assert all(t.terminated == (t.reward > 0) and t.truncated == (t.reward <= 0) for t in last)
+    # ETPO bootstraps at training time, with the networks of that step, from those ids.
     batch = TransitionBatch.collate(transitions, tokenizer.pad_token_id)
-    want = module.action_logprobs(batch)
-    got, _ = batch.old_logprobs, None
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    fresh = module.next_values(batch)
+    for row, t in enumerate(transitions):
+        if t.terminated:
+            assert fresh[row] == 0.0
+        else:
+            ids = t.next_prompt_ids[None]
+            want = module.bootstrap_values(ids, torch.ones_like(ids, dtype=torch.bool)).item()
+            assert fresh[row].item() == pytest.approx(want, abs=1e-5)
     # Padding layout: prompts left-padded, actions right-padded.
     for row in range(len(batch)):
         assert batch.prompt_mask[row, -1] and batch.action_mask[row, 0]
@@ -76,6 +86,34 @@ def test_collect_shapes_chain_and_logprobs(tokenizer):
     stats = dm.latest_stats
     assert stats["rollout/reward_mean"] == pytest.approx(sum(t.reward for t in transitions) / 9)
     assert stats["rollout/reward_max"] == max(t.reward for t in transitions)
+
+
+def test_behaviour_logprobs_are_those_of_the_processed_sampling_distribution(tokenizer):
+    """Temperature 0.5 and top-k 7: the stored log mu of every sampled token equals an
+    independent computation (eval-mode logits / T, all but the 7 largest removed, log-softmax),
+    and differs from the raw policy's log-probability (what was stored before)."""
+    module, dm = _setup(tokenizer, temperature=0.5, top_k=7, top_p=1.0)
+    module.policy.train()  # the collector must switch dropout off itself
+    try:
+        transitions = dm.collect(module)
+    finally:
+        dm.teardown("fit")
+    assert module.policy.training  # and restore the mode
+    policy = module.policy.eval()
+    raw_gap = 0.0
+    for t in transitions:
+        ids = torch.cat([t.prompt_ids, t.action_ids])[None]
+        with torch.no_grad():
+            logits = policy(input_ids=ids).logits[0, t.prompt_ids.numel() - 1: -1].double()
+        scaled = logits / 0.5
+        kth = scaled.topk(7, dim=-1).values[:, -1:]
+        processed = scaled.masked_fill(scaled < kth, float("-inf"))
+        want = torch.log_softmax(processed, -1).gather(-1, t.action_ids[:, None]).squeeze(-1)
+        assert torch.isfinite(want).all()  # a sampled token is always inside the top k
+        torch.testing.assert_close(t.logprobs.double(), want, atol=1e-4, rtol=0)
+        raw = torch.log_softmax(logits, -1).gather(-1, t.action_ids[:, None]).squeeze(-1)
+        raw_gap = max(raw_gap, (raw - want).abs().max().item())
+    assert raw_gap > 0.05
 
 
 def test_prompt_truncation_keeps_the_end(tokenizer):

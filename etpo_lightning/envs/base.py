@@ -15,8 +15,11 @@ from typing import Any
 #: The keys every ``info`` dict carries (other keys are environment specific).
 #: ``error``: why the action failed (a short human-readable reason) or ``None``;
 #: ``success``: whether the action solved the task;
-#: ``episode_step``: 1-based index of this step inside the current episode.
-INFO_KEYS = ("error", "success", "episode_step")
+#: ``episode_step``: 1-based index of this step inside the current episode;
+#: ``truncated``: the episode ended only because its step limit ran out (``done`` is True
+#: but the state could go on), so the learner bootstraps from the next observation
+#: instead of treating it as terminal (time-limit truncation, as in Gymnasium).
+INFO_KEYS = ("error", "success", "episode_step", "truncated")
 
 StepResult = tuple[str, float, bool, dict[str, Any]]
 
@@ -57,9 +60,10 @@ class TextEnv(ABC):
 
 
 def make_info(
-    *, error: str | None = None, success: bool = False, episode_step: int = 0, **extra: Any
+    *, error: str | None = None, success: bool = False, episode_step: int = 0, truncated: bool = False, **extra: Any
 ) -> dict[str, Any]:
     """Build an ``info`` dict with the standard keys first, then environment extras."""
-    info: dict[str, Any] = {"error": error, "success": bool(success), "episode_step": int(episode_step)}
+    info: dict[str, Any] = {"error": error, "success": bool(success), "episode_step": int(episode_step),
+                            "truncated": bool(truncated)}
     info.update(extra)
     return info

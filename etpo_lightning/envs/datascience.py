@@ -176,6 +176,9 @@ class DataScienceCodingEnv(TextEnv):
         info["episode_step"] = self.episode_step
         self.last_code = action_text
         self.done = success or self.episode_step >= self.max_steps
+        # Out of attempts after a failure: the reflection prompt below is where the agent would
+        # go on, so the learner bootstraps from it (truncation) rather than ending there.
+        info["truncated"] = not success and self.done
         obs = self.task_prompt() if success else self.reflection_prompt(action_text, info["error"])
         return obs, reward, self.done, info
 

@@ -79,5 +79,5 @@ class KeywordEnv(TextEnv):
             f"Your previous answer was '{shown}': {error}.\n"
             "Answer:"
         )
-        info = make_info(error=error, episode_step=self.episode_step, target=self.target)
+        info = make_info(error=error, episode_step=self.episode_step, target=self.target, truncated=self.done)
         return obs, reward, self.done, info

@@ -75,6 +75,7 @@ class _Slot:
         info.setdefault("error", None)
         info.setdefault("success", False)
         info.setdefault("episode_step", self.episode_step)
+        info["truncated"] = bool(done and info.get("truncated", False))
         if done:
             info["final_observation"] = obs
             obs = self._auto_reset(next_seed, info)
