@@ -4,6 +4,7 @@ Read top to bottom, this file is the whole algorithm:
 
 1. ``soft_values``        V(h)   = sum_w pi(w|h) [Q_target(h,w) - beta (log pi(w|h) - log rho(w|h))]
 2. ``soft_bellman_targets`` y_j  = V(h_{j+1}) inside an action, r + gamma (1-d) V(s') at its last token
+2b. ``soft_lambda_targets`` G_j = y_j + c_{j+1} (G_{j+1} - Qbar_{j+1}), c = lambda min(1, pi/mu): ETPO(lambda)
 3. ``q_loss``             L_Q    = mean_j (Q(h_j, w^j) - y_j)^2            (or Huber)
 4. ``policy_loss``        L_pi(h) = sum_w pi(w|h) [beta (log pi - log rho) - Q(h,w)],  Q detached
 
@@ -118,6 +119,54 @@ def soft_bellman_targets(
     bootstrap = rewards.to(dtype) + gamma * (1.0 - dones.to(dtype)) * next_values.to(dtype)
     targets = torch.where(last_token, bootstrap[:, None].expand_as(targets), targets)
     return targets.detach()
+
+
+def soft_lambda_targets(
+    q_taken: Tensor,
+    values: Tensor,
+    action_mask: Tensor,
+    rewards: Tensor,
+    dones: Tensor,
+    next_values: Tensor,
+    gamma: float,
+    lam: float,
+    log_ratio: Tensor | None = None,
+) -> Tensor:
+    """ETPO(lambda): Retrace-corrected multi-step soft returns G ``[B, L]`` along each action.
+
+    With the one-step targets y of ``soft_bellman_targets`` and, from the last valid token
+    of each row backwards,
+
+        G_n = y_n,    G_j = y_j + c_{j+1} * (G_{j+1} - Qbar_{j+1}),
+        c_j = lam * min(1, exp(log_ratio_j))     (c_j = lam when ``log_ratio`` is None),
+
+    where ``q_taken`` [B, L] is Qbar_j = Q_target(h_j, w^j) of the taken token, ``values``
+    [B, L] is V(h_j) (``soft_values``) and ``log_ratio`` [B, L] is log pi(w^j|h_j) -
+    log mu(w^j|h_j) against the behaviour policy that sampled w^j. The fixed point is the
+    spec's for every lam in [0, 1]; ``lam = 0`` returns ``soft_bellman_targets`` exactly.
+    Padding gets 0; the result is detached.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got lam={lam}")
+    one_step = soft_bellman_targets(values, action_mask, rewards, dones, next_values, gamma)
+    if lam == 0.0:
+        return one_step
+    dtype = one_step.dtype
+    mask = action_mask.bool()
+    q_taken = q_taken.detach().to(dtype)
+    traces = torch.full_like(one_step, lam)
+    if log_ratio is not None:
+        traces = lam * log_ratio.detach().to(dtype).clamp(max=0.0).exp()
+    traces = torch.where(mask, traces, torch.zeros_like(traces))
+    # The correction each token passes to the one before it: c_{j+1} (G_{j+1} - Qbar_{j+1});
+    # zero after the last valid token, so G_n = y_n.
+    returns = torch.zeros_like(one_step)
+    carry = torch.zeros_like(one_step[:, 0])
+    for j in range(one_step.shape[1] - 1, -1, -1):
+        g = one_step[:, j] + carry
+        returns[:, j] = torch.where(mask[:, j], g, torch.zeros_like(g))
+        carry = traces[:, j] * (returns[:, j] - q_taken[:, j])
+    return returns.detach()
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:

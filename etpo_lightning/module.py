@@ -22,7 +22,7 @@ from etpo_lightning.losses import (
     kl_and_entropy,
     policy_loss,
     q_loss,
-    soft_bellman_targets,
+    soft_lambda_targets,
     soft_values,
 )
 from etpo_lightning.rl_module import TokenRLModule, frozen
@@ -58,12 +58,26 @@ class ETPOModule(TokenRLModule):
             never sampled follow the history's value instead of staying at 0 (see TokenQCritic).
         critic_advantage_scale: With ``dueling``: Q = v + s * (A - E_rho[A]); s < 1 makes
             the per-token advantages learn s times slower than the value (see TokenQCritic).
+        lam: ETPO(lambda): the critic's targets are multi-step soft returns along each action
+            (``soft_lambda_targets``), so a reward reaches an action's first token in one
+            update instead of one token per target update; 0 is the one-step rule of the
+            paper, 1 the Monte-Carlo return of the action with the exact KL price.
+        traces: Retrace traces c_j = lam * min(1, pi/mu) from the stored behaviour
+            log-probabilities (cut where the replayed token is now unlikely); False uses
+            c_j = lam. Inside an action the next history is fixed by the token, so both keep
+            the spec's fixed point (tests/test_lambda_returns.py); the cut guarantees a
+            contraction on off-policy data at the price of a shorter reach.
         chunk_size: Positions per chunk of the full-vocabulary computations (bounds memory).
         policy: An already built policy (tests, custom models); overrides ``model_name_or_path``.
         critic: An already built critic returning Q ``[B, T, V]`` from ``(input_ids,
             attention_mask, position_ids)``; default ``build_critic(policy)``.
         reference: An already built reference policy; default a frozen copy of the policy.
     """
+
+    # V(s_{t+1}) is evaluated in every training step with the current target critic and
+    # policy (``next_values``), never taken from rollout time: replayed for many batches, a
+    # stored value would be a different function from the one used inside the action.
+    bootstraps_at_rollout = False
 
     def __init__(
         self,
@@ -79,6 +93,8 @@ class ETPOModule(TokenRLModule):
         weight_decay: float = 0.0,
         critic_head_init: Literal["copy", "zero", "dueling"] = "copy",
         critic_advantage_scale: float = 1.0,
+        lam: float = 0.0,
+        traces: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         policy: nn.Module | None = None,
         critic: nn.Module | None = None,
@@ -94,6 +110,8 @@ class ETPOModule(TokenRLModule):
             raise ValueError(f"critic_head_init must be 'copy', 'zero' or 'dueling', got {critic_head_init!r}")
         if not critic_advantage_scale > 0:
             raise ValueError(f"critic_advantage_scale must be > 0, got {critic_advantage_scale}")
+        if not 0 <= lam <= 1:
+            raise ValueError(f"lam must be in [0, 1] (the lambda of ETPO(lambda)), got lam={lam}")
         self.target_critic: nn.Module | None = None
         super().__init__(model_name_or_path, policy_lr, critic_lr, gradient_clip_val, optimizer,
                          weight_decay, chunk_size, policy, critic, reference)
@@ -114,18 +132,39 @@ class ETPOModule(TokenRLModule):
     @torch.no_grad()
     def bootstrap_values(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
         """V(s) ``[B]`` at the first position of observations: the soft value with the target
-        critic, the policy and rho, stored as ``next_values`` at rollout time."""
+        critic, the policy and rho (float32 whatever the precision)."""
         inputs = self.model_inputs(prompt_ids, prompt_mask)
         rho = self.outputs(self.reference, inputs)
         q = self.outputs(self.target_critic, inputs, ref_logits=rho)[:, -1]
         pi = self.outputs(self.policy, inputs)[:, -1]
         return soft_values(q, pi, rho[:, -1], self.hparams.beta, self.hparams.chunk_size)
 
+    @torch.no_grad()
+    def next_values(self, batch: TransitionBatch) -> Tensor:
+        """V(s_{t+1}) ``[B]`` of the batch's next observations with the networks of this step
+        (0 where the episode terminated); the rollout-time values if the batch has no next ids."""
+        if batch.next_prompt_ids is None:
+            return batch.next_values
+        values = self.bootstrap_values(batch.next_prompt_ids, batch.next_prompt_mask)
+        return torch.where(batch.dones.bool(), torch.zeros_like(values), values)
+
     # ------------------------------------------------- overridable ETPO parts
-    def compute_targets(self, values: Tensor, batch: TransitionBatch) -> Tensor:
-        """Per-token soft Bellman targets from V(h_j) ``[B, L]`` (override to change them)."""
-        return soft_bellman_targets(
-            values, batch.action_mask, batch.rewards, batch.dones, batch.next_values, self.hparams.gamma
+    def compute_targets(self, values: Tensor, batch: TransitionBatch, q_target_taken: Tensor,
+                        next_values: Tensor, log_ratio: Tensor | None) -> Tensor:
+        """The critic's targets ``[B, L]`` (override to change them).
+
+        Args:
+            values: V(h_j) ``[B, L]`` with the target critic and the current policy.
+            batch: The transitions (rewards, dones, action mask, behaviour log-probs).
+            q_target_taken: Q_target(h_j, w^j) ``[B, L]`` of the taken tokens.
+            next_values: V(s_{t+1}) ``[B]`` evaluated in this step.
+            log_ratio: log pi(w^j|h_j) - log mu(w^j|h_j) ``[B, L]`` (0 at padding), or None
+                when the batch has no behaviour log-probs.
+        """
+        hp = self.hparams
+        return soft_lambda_targets(
+            q_target_taken, values, batch.action_mask, batch.rewards, batch.dones, next_values, hp.gamma, hp.lam,
+            log_ratio if hp.traces else None,
         )
 
     def compute_policy_loss(self, policy_logits: Tensor, ref_logits: Tensor, q: Tensor, batch: TransitionBatch) -> Tensor:
@@ -156,11 +195,18 @@ class ETPOModule(TokenRLModule):
         ref_logits = ref_all[:, start:]
         policy_logits = self.outputs(self.policy, inputs)[:, start:]
         q = self.outputs(self.critic, inputs, ref_logits=ref_all)[:, start:]
+        taken = batch.action_ids.unsqueeze(-1)
         with torch.no_grad():
             q_target = self.outputs(self.target_critic, inputs, ref_logits=ref_all)[:, start:]
             values = soft_values(q_target, policy_logits.detach(), ref_logits, self.hparams.beta, self.hparams.chunk_size)
-            targets = self.compute_targets(values, batch)
-        q_taken = q.gather(-1, batch.action_ids.unsqueeze(-1)).squeeze(-1)
+            log_ratio = None
+            if batch.old_logprobs is not None:
+                logp = torch.log_softmax(policy_logits.detach().float(), dim=-1).gather(-1, taken).squeeze(-1)
+                log_ratio = (logp - batch.old_logprobs) * batch.action_mask
+            next_values = self.next_values(batch)
+            targets = self.compute_targets(values, batch, q_target.gather(-1, taken).squeeze(-1).float(),
+                                           next_values, log_ratio)
+        q_taken = q.gather(-1, taken).squeeze(-1)
         out = {
             "q_loss": self.compute_q_loss(q_taken, targets, batch),
             "policy_loss": self.compute_policy_loss(policy_logits, ref_logits, q, batch),
@@ -175,5 +221,10 @@ class ETPOModule(TokenRLModule):
                 q_taken=(q_taken.detach().float() * mask).sum() / n,
                 target=(targets.float() * mask).sum() / n,
                 value=(values.float() * mask).sum() / n,
+                next_value=next_values.float().mean(),
             )
+            if log_ratio is not None:
+                # How far the replayed data is from the current policy, and how much of each
+                # Retrace trace survives (1 = on-policy).
+                out["trace_ratio"] = (log_ratio.clamp(max=0.0).exp() * mask).sum() / n
         return out

@@ -236,7 +236,7 @@ def test_failed_episodes_do_not_push_the_target_off_what_rho_writes(tmp_path, he
         with torch.no_grad():
             out = policy.generate(prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                   max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
-        transitions.append(Transition(prompt, out[0, len(prompt):], reward=-1.0, done=True, next_value=0.0))
+        transitions.append(Transition(prompt, out[0, len(prompt):], reward=-1.0, terminated=True, next_value=0.0))
     batch = TransitionBatch.collate(transitions, pad_token_id=0)
     module = ETPOModule(policy=policy, beta=0.1, gamma=0.9, policy_lr=1e-9, critic_lr=3e-3, tau=0.05,
                         critic_head_init=head_init)
