@@ -85,15 +85,41 @@ class TokenQCritic(nn.Module):
         used) by the dueling head.
         """
         dueling = self.value_head is not None
+        # Under autocast (bf16-mixed, 16-mixed) or with a half-precision backbone, the LM head
+        # would give Q in bf16: 8 bits of mantissa, so Q/beta is quantised by ~0.4 nats at
+        # beta = 0.01 and Q of a 7B model's logits scale. The head is recomputed in float32
+        # from the last hidden state (the backbone stays in low precision; the bf16 logits
+        # the backbone also computes are discarded).
+        low_precision = torch.is_autocast_enabled(input_ids.device.type) or _is_half(self.backbone)
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False, output_hidden_states=dueling)
+                            use_cache=False, output_hidden_states=dueling or low_precision)
+        advantages = self._head_float32(out.hidden_states[-1], out.logits) if low_precision else out.logits.float()
         if not dueling:
-            return out.logits
+            return advantages
         if ref_logits is None:
             raise ValueError("the dueling Q-head centres its advantages under rho: pass ref_logits")
-        advantages = out.logits.float()
-        # hidden_states[-1] is the (final-normed) input of the LM head in Hugging Face causal LMs.
-        value = self.value_head(out.hidden_states[-1]).float()
-        rho = torch.softmax(ref_logits.float(), dim=-1)
-        baseline = (rho * advantages).sum(-1, keepdim=True)
-        return (value + self.advantage_scale * (advantages - baseline)).to(out.logits.dtype)
+        with torch.autocast(input_ids.device.type, enabled=False):
+            # hidden_states[-1] is the (final-normed) input of the LM head in Hugging Face causal LMs.
+            hidden = out.hidden_states[-1].float()
+            value = nn.functional.linear(hidden, self.value_head.weight.float(), self.value_head.bias.float())
+            rho = torch.softmax(ref_logits.float(), dim=-1)
+            baseline = (rho * advantages).sum(-1, keepdim=True)
+            return value + self.advantage_scale * (advantages - baseline)
+
+    def _head_float32(self, hidden: Tensor, logits: Tensor) -> Tensor:
+        """The backbone's LM head applied in float32, autocast off (and its logit soft-cap, if any)."""
+        head = self.backbone.get_output_embeddings()
+        if head is None or head.weight.dim() != 2 or head.weight.shape[1] != hidden.shape[-1]:
+            # A sharded head (FSDP reshards after the backbone's forward) cannot be applied
+            # here: Q keeps the precision FSDP's MixedPrecision gave the logits.
+            return logits.float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+            logits = nn.functional.linear(hidden.float(), head.weight.float(), bias)
+            cap = getattr(self.backbone.config, "final_logit_softcapping", None)
+            return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def _is_half(model: nn.Module) -> bool:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head is not None and head.weight.dtype in (torch.float16, torch.bfloat16)

@@ -55,20 +55,24 @@ def _as64(x: Any) -> Any:
 
 
 def test_bf16_mixed_fit_computes_etpo_quantities_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
-    names = ("soft_values", "policy_loss", "q_loss", "kl_and_entropy")
+    names = ("soft_values", "soft_lambda_targets", "policy_loss", "q_loss", "kl_and_entropy")
     spies = {name: Spy(getattr(etpo_module, name)) for name in names}
     for name, spy in spies.items():
         monkeypatch.setattr(etpo_module, name, spy)
-    module = ETPOModule(policy=tiny_llama(VOCAB), beta=0.1, gamma=0.9, policy_lr=3e-3, critic_lr=3e-3)
+    module = ETPOModule(policy=tiny_llama(VOCAB), beta=0.1, gamma=0.9, policy_lr=3e-3, critic_lr=3e-3, lam=0.9)
     before = [p.detach().clone() for p in module.policy.parameters()]
     trainer = _trainer(max_steps=3, precision="bf16-mixed")
     trainer.fit(module, _loader(5))
 
     # The spies saw the module's real calls, under autocast, with bfloat16 network outputs.
     for name, spy in spies.items():
+        # Once a step each (random batches carry no next ids, so no extra V(s_{t+1}) call).
         assert len(spy.calls) == 3, name
     args, _, _ = spies["soft_values"].calls[0]
-    assert {a.dtype for a in args[:3]} == {torch.bfloat16}, "autocast did not produce bf16 logits: vacuous test"
+    # pi's and rho's logits come out of autocast in bf16 (else the test is vacuous); Q does not:
+    # the critic applies its head in float32 (TokenQCritic), so Q/beta is not quantised.
+    assert args[0].dtype == torch.float32
+    assert {a.dtype for a in args[1:3]} == {torch.bfloat16}, "autocast did not produce bf16 logits: vacuous test"
     # Every result is float32, finite, and equal to a float64 recomputation from the same inputs.
     for name, spy in spies.items():
         for args, kwargs, out in spy.calls:
@@ -113,3 +117,37 @@ def test_clipping_sees_unscaled_gradients_under_a_grad_scaler() -> None:
     assert len(module.norms) == 4  # 2 batches x 2 optimizers
     for norm in module.norms:
         assert norm == pytest.approx(clip, rel=1e-3)
+
+
+@pytest.mark.parametrize("head_init", ["copy", "dueling"])
+def test_q_head_is_float32_under_bf16_autocast(head_init: str) -> None:
+    """Q under autocast equals the LM head applied in float64 to the (bf16-computed) last
+    hidden state, to float32 precision; the bf16 head output it replaces is ~100x further off."""
+    from etpo_lightning.critic import TokenQCritic
+
+    critic = TokenQCritic.from_policy(tiny_llama(VOCAB, seed=3), head_init=head_init)
+    head = critic.backbone.get_output_embeddings()
+    with torch.no_grad():
+        head.weight.normal_(0, 2.0)  # logits of a pretrained model's scale, tens of nats
+        if critic.value_head is not None:
+            critic.value_head.weight.normal_(0, 1.0)
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
+    ref = torch.randn(2, 7, VOCAB, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        q = critic(ids, ref_logits=ref)
+        out = critic.backbone(input_ids=ids, output_hidden_states=True, use_cache=False)
+    assert q.dtype == torch.float32 and out.logits.dtype == torch.bfloat16
+    hidden = out.hidden_states[-1].double()
+    want = hidden @ head.weight.double().T
+    bf16 = out.logits.double()
+    if critic.value_head is not None:
+        value = hidden @ critic.value_head.weight.double().T + critic.value_head.bias.double()
+        rho = torch.softmax(ref.double(), -1)
+        want = value + (want - (rho * want).sum(-1, keepdim=True))
+        bf16 = value + (bf16 - (rho * bf16).sum(-1, keepdim=True))
+    err = (q.double() - want).abs().max().item()
+    bf16_err = (bf16 - want).abs().max().item()
+    assert err < 1e-4 * want.abs().max().item()
+    assert bf16_err > 100 * err
+    # beta = 0.01: the bf16 head would move Q/beta by whole nats.
+    assert bf16_err / 0.01 > 1.0
