@@ -75,10 +75,15 @@ def test_keyword_env_ends_at_max_steps_and_is_seeded():
     first = env.reset(seed=123)
     assert env.reset(seed=123) == first
     assert {KeywordEnv().reset(seed=s) for s in range(20)} != {first}  # seeds matter
-    _, r1, d1, _ = env.step("zzz")
+    _, r1, d1, info1 = env.step("zzz")
     _, r2, d2, info = env.step("zzz")
     assert (r1, d1, r2, d2) == (0.0, False, 0.0, True)
     assert set(INFO_KEYS) <= set(info)
+    # Out of steps without the word: a time-limit truncation, not a terminal state.
+    assert (info1["truncated"], info["truncated"]) == (False, True)
+    env.reset(seed=123)
+    _, reward, done, info = env.step(env.target)
+    assert (reward, done, info["truncated"]) == (1.0, True, False)  # solved: terminal
 
 
 # -- DataScienceCodingEnv -----------------------------------------------------------------
@@ -94,6 +99,7 @@ def test_reward_matches_independent_protocol_binary(cancer_env):
     assert info["error"] is None, info["error"]
     assert abs(reward - expected) < 1e-9
     assert done and info["success"] is True and info["episode_step"] == 1
+    assert not info["truncated"]  # success is terminal
     assert len(info["cv_scores"]) == 5
 
 
@@ -112,7 +118,7 @@ def test_reflection_prompt_and_max_steps(cancer_env):
     cancer_env.reset()
     bad = "    model = None\n    return model.fit(x_train, y_train)\n"
     obs, reward, done, info = cancer_env.step(bad)
-    assert reward == -1.0 and not done and info["success"] is False
+    assert reward == -1.0 and not done and info["success"] is False and not info["truncated"]
     assert info["error"].startswith("AttributeError: 'NoneType' object has no attribute 'fit'")
     assert "(line 3: return model.fit(x_train, y_train))" in info["error"]
     # The reflection prompt holds the error and the previous code (as comments).
@@ -123,6 +129,7 @@ def test_reflection_prompt_and_max_steps(cancer_env):
     assert reward == -1.0 and not done and info["episode_step"] == 2
     _, reward, done, info = cancer_env.step("   \n  ")
     assert (reward, done, info["episode_step"]) == (-1.0, True, 3)  # max_steps=3 ends it
+    assert info["truncated"]  # out of attempts, not a terminal state: the learner bootstraps
     assert info["error"] == "empty program: the answer contained no code"
     with pytest.raises(RuntimeError):
         cancer_env.step(LR_BODY)

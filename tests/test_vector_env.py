@@ -122,6 +122,7 @@ def test_killed_worker_is_replaced():
         for i in (1, 3):
             assert infos[i]["error"].startswith("worker crashed (exit code -9, SIGKILL)")
             assert infos[i]["worker_restarted"] is True
+            assert infos[i]["truncated"] is False  # a lost episode is terminal: no bootstrap
         assert venv.workers_restarted == 1 and venv.worker_pid(1) != victim
         # The re-created envs work: their new first observation can be answered.
         _, rewards, dones, _ = venv.step([target_of(o) for o in new_obs])

@@ -289,6 +289,7 @@ class VectorEnv:
                         "success": False,
                         "episode_step": self._episode_step[i] + 1,
                         "worker_restarted": True,
+                        "truncated": False,  # the episode is lost: terminal, nothing to bootstrap from
                         "final_observation": "",
                     }
                     results[i] = (first_obs, -1.0, True, info)
