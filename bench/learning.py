@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default=None, help="base model (default: the config's)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep seeds whose fit already finished in --out (re-evaluate them only)")
+    parser.add_argument("--train-only", action="store_true",
+                        help="only train (evaluate later, every model in one run of learning_compare.py)")
     parser.add_argument("extra", nargs="*", help="further CLI overrides, e.g. --model.init_args.beta=0.1")
     args = parser.parse_args(argv)
     import yaml
@@ -95,6 +97,11 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     rows, curves = [], {}
     base_model = args.model or yaml.safe_load(Path(args.config).read_text())["model"]["init_args"]["model_name_or_path"]
+    if args.train_only:
+        for seed in args.seeds:
+            _, _, seconds = train(args.config, seed, max_steps, out, args.extra, args.model, args.reuse)
+            print(f"seed {seed}: trained in {seconds:.0f} s", flush=True)
+        return {}
     base = evaluate_model(base_model, args.samples, seed=12345, dataset=args.dataset)
     for seed in args.seeds:
         hf_last, metrics_csv, seconds = train(args.config, seed, max_steps, out, args.extra, args.model, args.reuse)

@@ -1,111 +1,193 @@
-"""ETPO vs PPO vs the base model, side by side, from `bench/learning.py`'s results.
+"""Every trained model and the base model, evaluated in one run with the same sampling seeds.
 
-    python bench/learning.py --out runs/bench_learning/etpo --label ETPO
-    python bench/learning.py --config configs/ppo_quickstart.yaml --out runs/bench_learning/ppo --label PPO
-    python bench/learning_compare.py --run ETPO=runs/bench_learning/etpo --run PPO=runs/bench_learning/ppo
+    python bench/learning.py --train-only --seeds 0 1 2 3 4 --out runs/bench_learning/etpo_lam0.9
+    python bench/learning.py --train-only --seeds 0 1 2 3 4 --out runs/bench_learning/etpo_lam0 -- --model.init_args.lam=0
+    python bench/learning.py --train-only --seeds 0 1 2 3 4 --config configs/ppo_quickstart.yaml --out runs/bench_learning/ppo
+    python bench/learning_compare.py --run "ETPO(lambda=0.9)=runs/bench_learning/etpo_lam0.9" \\
+        --run "ETPO(lambda=0)=runs/bench_learning/etpo_lam0" --run PPO=runs/bench_learning/ppo
 
-Reads each label's `bench/results/learning*.json` (final evaluation: mean reward of sampled
-programs, success rate, best AUC, KL and perplexity at the end) and every seed's
-`metrics.csv` (the curves), and writes `bench/results/learning_compare.{json,md,png}`: one
-table and a figure with the mean rollout reward and the exact KL(pi || rho) over training
-(mean over seeds, band = min..max).
+(`bench/learning_all.sh` runs all of it.) The evaluation noise of this task is as large as
+the effects, so every model (the base model too) samples the same number of programs from
+the same prompt with the same sampling seed, and both exports of every seed are scored:
+`hf-best` (best rollout reward during training) and `hf-last`. Per label and checkpoint:
+mean ± std over seeds of the mean reward of sampled programs and of its gain over the base
+model; for every pair of labels the difference of the mean gains with its 95 % Welch
+confidence interval and p-value; the environment steps each seed needs before its rollout
+reward (moving mean) first reaches ``--reach``. Writes `bench/results/<stem>.{json,md,png}`
+(the figure: rollout reward and KL to rho against environment steps, mean over seeds with
+a ±1 std band). Evaluations are cached next to each export (`eval_*.json`), so an
+interrupted comparison resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-from learning import mean_std, results_stem
-
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+from learning import evaluate_model, mean_std  # noqa: E402
 
 
-def seed_curves(run_dir: Path) -> list[pd.DataFrame]:
-    """Per seed, one row per rollout collection: reward and KL by training batch."""
-    curves = []
-    for seed_dir in sorted(run_dir.glob("seed*")):
-        metrics = sorted(seed_dir.glob("logs/version_*/metrics.csv"))
-        if not metrics:
-            continue
-        df = pd.read_csv(metrics[-1])
-        # Every step logs the latest collection's stats: keep one row per collection.
-        reward = df[["step", "rollout/reward_mean", "rollout/env_steps"]].dropna().drop_duplicates("rollout/env_steps")
-        kl = df[["step", "monitor/kl"]].dropna().drop_duplicates("step")
-        merged = pd.merge_asof(reward.sort_values("step"), kl.sort_values("step"), on="step")
-        merged["batch"] = merged["step"]  # Lightning logs at the count of training batches
-        curves.append(merged.set_index("batch"))
-    return curves
+def seed_dirs(run_dir: Path) -> list[Path]:
+    """The seeds of a run folder whose fit finished (``run_info.json`` written)."""
+    return sorted((d for d in run_dir.glob("seed*") if (d / "run_info.json").exists()),
+                  key=lambda d: int(d.name[4:]))
+
+
+def seed_curve(seed_dir: Path) -> pd.DataFrame:
+    """One row per rollout collection: rollout reward and KL to rho, indexed by environment steps."""
+    df = pd.read_csv(sorted(seed_dir.glob("logs/version_*/metrics.csv"))[-1])
+    reward = df[["step", "rollout/reward_mean", "rollout/env_steps"]].dropna().drop_duplicates("rollout/env_steps")
+    kl = df[["step", "monitor/kl"]].dropna().drop_duplicates("step")
+    merged = pd.merge_asof(reward.sort_values("step"), kl.sort_values("step"), on="step")
+    return merged.set_index("rollout/env_steps")
+
+
+def cached_evaluation(model: str, cache: Path, samples: int, seed: int, dataset: str) -> dict:
+    if cache.exists():
+        return json.loads(cache.read_text())
+    result = evaluate_model(model, samples, seed=seed, dataset=dataset)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(result))
+    return result
+
+
+def steps_to_reach(curve: pd.DataFrame, threshold: float, smooth: int) -> float | None:
+    """Environment steps at the first collection whose moving-mean rollout reward >= threshold."""
+    moving = curve["rollout/reward_mean"].rolling(smooth, min_periods=1).mean()
+    hit = moving[moving >= threshold]
+    return float(hit.index[0]) if len(hit) else None
+
+
+def welch(a: list[float], b: list[float]) -> dict:
+    """mean(a) - mean(b), its 95 % Welch confidence interval and the two-sided Welch p-value."""
+    from scipy import stats
+
+    if len(a) < 2 or len(b) < 2:
+        return {"diff": statistics.mean(a) - statistics.mean(b), "ci95": [float("nan")] * 2, "p": float("nan")}
+    test = stats.ttest_ind(a, b, equal_var=False)
+    ci = test.confidence_interval(0.95)
+    return {"diff": statistics.mean(a) - statistics.mean(b), "ci95": [float(ci.low), float(ci.high)],
+            "p": float(test.pvalue), "n": [len(a), len(b)]}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", action="append", required=True, metavar="LABEL=DIR",
-                        help="a label of bench/learning.py and its --out folder (repeat)")
-    parser.add_argument("--smooth", type=int, default=5, help="collections in the moving average of the curves")
+                        help="a label and a bench/learning.py --out folder (repeat)")
+    parser.add_argument("--base", default="tiny-sklearn-coder", help="the base model every run started from")
+    parser.add_argument("--samples", type=int, default=192, help="programs sampled per model")
+    parser.add_argument("--eval-seed", type=int, default=12345, help="the sampling seed, the same for every model")
+    parser.add_argument("--dataset", default="quickstart")
+    parser.add_argument("--checkpoints", nargs="+", default=["hf-best", "hf-last"])
+    parser.add_argument("--reach", type=float, default=0.0, help="rollout reward for the steps-to-reach column")
+    parser.add_argument("--smooth", type=int, default=5, help="collections in the moving mean of the curves")
+    parser.add_argument("--stem", default="learning_compare", help="bench/results/<stem>.{json,md,png}")
     args = parser.parse_args(argv)
-    runs = dict(item.split("=", 1) for item in args.run)
+    runs = {label: Path(d) for label, d in (item.split("=", 1) for item in args.run)}
 
-    rows, summary, base = [], {}, None
-    header = ["| agent | training batches | env steps | seeds | mean reward of samples | success rate | best AUC | "
-              "gain over base | KL to rho at end (nats/token) | held-out perplexity at end | minutes per run |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for label in runs:
-        result = json.loads((RESULTS / f"{results_stem(label)}.json").read_text())
-        if base is None:
-            base, samples = result["base"], result["samples"]
-            ppl0 = [r["perplexity_start"] for r in result["runs"]]
-            rows.append(f"| base model (tiny coder, sampled) | 0 | 0 | - | {base['reward_mean']:.3f} | "
-                        f"{base['success_rate']:.2f} | {base['auc_best']:.3f} | - | 0 | {mean_std(ppl0)} | - |")
-        trained = [r["trained"] for r in result["runs"]]
-        gains = [t["reward_mean"] - result["base"]["reward_mean"] for t in trained]
-        summary[label] = {"reward_mean": [t["reward_mean"] for t in trained], "gain": gains,
-                          "success_rate": [t["success_rate"] for t in trained],
-                          "kl_end": [r["kl_end"] for r in result["runs"]], "max_steps": result["max_steps"]}
-        rows.append(
-            f"| {label} | {result['max_steps']} | {statistics.mean(r['env_steps'] for r in result['runs']):.0f} | {len(trained)} | {mean_std([t['reward_mean'] for t in trained])} | "
-            f"{mean_std([t['success_rate'] for t in trained])} | {mean_std([t['auc_best'] for t in trained])} | "
-            f"{mean_std(gains)} | {mean_std([r['kl_end'] for r in result['runs']])} | "
-            f"{mean_std([r['perplexity_end'] for r in result['runs']])} | "
-            f"{statistics.mean(r['train_seconds'] for r in result['runs']) / 60:.1f} |")
-    table = "\n".join(header + rows)
+    cache_name = f"eval_{args.dataset}_{args.samples}_{args.eval_seed}.json"
+    base = cached_evaluation(args.base, Path("runs") / "bench_learning" / "base" / cache_name, args.samples,
+                             args.eval_seed, args.dataset)
+    print(f"base: {base['reward_mean']:.3f}", flush=True)
+    summary: dict[str, dict] = {}
+    curves: dict[str, list[pd.DataFrame]] = {}
+    for label, run_dir in runs.items():
+        seeds = seed_dirs(run_dir)
+        if not seeds:
+            print(f"{label}: no finished seed in {run_dir}, left out", flush=True)
+            continue
+        curves[label] = [seed_curve(d) for d in seeds]
+        entry = {"seeds": [int(d.name[4:]) for d in seeds],
+                 "train_minutes": [json.loads((d / "run_info.json").read_text())["train_seconds"] / 60 for d in seeds],
+                 "env_steps": [float(c.index.max()) for c in curves[label]],
+                 "kl_end": [float(c["monitor/kl"].dropna().iloc[-1]) for c in curves[label]],
+                 "steps_to_reach": [steps_to_reach(c, args.reach, args.smooth) for c in curves[label]]}
+        for ckpt in args.checkpoints:
+            evals = [cached_evaluation(str(d / "checkpoints" / ckpt), d / "checkpoints" / f"{ckpt}_{cache_name}",
+                                       args.samples, args.eval_seed, args.dataset) for d in seeds]
+            entry[ckpt] = {"reward_mean": [e["reward_mean"] for e in evals],
+                           "gain": [e["reward_mean"] - base["reward_mean"] for e in evals],
+                           "success_rate": [e["success_rate"] for e in evals],
+                           "auc_best": [e["auc_best"] for e in evals]}
+            print(f"{label} {ckpt}: gains {[round(g, 3) for g in entry[ckpt]['gain']]}", flush=True)
+        summary[label] = entry
+
+    comparisons = {
+        ckpt: {f"{a} - {b}": welch(summary[a][ckpt]["gain"], summary[b][ckpt]["gain"])
+               for a, b in itertools.combinations(summary, 2)}
+        for ckpt in args.checkpoints
+    }
+    table = _tables(summary, comparisons, base, args)
+    out = {"runs": {k: str(v) for k, v in runs.items()}, "base": base, "samples": args.samples,
+           "eval_seed": args.eval_seed, "reach": args.reach, "smooth": args.smooth, "summary": summary,
+           "comparisons": comparisons, "table": table}
     RESULTS.mkdir(exist_ok=True)
-    out = {"runs": runs, "base": base, "summary": summary, "table": table, "samples": samples}
-    (RESULTS / "learning_compare.json").write_text(json.dumps(out, indent=2))
-    (RESULTS / "learning_compare.md").write_text(table + "\n")
-    _plot({label: seed_curves(Path(d)) for label, d in runs.items()}, base["reward_mean"], args.smooth,
-          RESULTS / "learning_compare.png")
+    (RESULTS / f"{args.stem}.json").write_text(json.dumps(out, indent=2))
+    (RESULTS / f"{args.stem}.md").write_text(table + "\n")
+    _plot(curves, base["reward_mean"], args.smooth, args.reach, RESULTS / f"{args.stem}.png")
     print(table)
     return out
 
 
-def _plot(curves: dict[str, list[pd.DataFrame]], base_reward: float, smooth: int, path: Path) -> None:
+def _tables(summary: dict, comparisons: dict, base: dict, args: argparse.Namespace) -> str:
+    lines = [f"{args.samples} programs sampled per model (seed {args.eval_seed}, one prompt, temperature 1); "
+             f"base model: mean reward {base['reward_mean']:.3f}, success rate {base['success_rate']:.2f}.", "",
+             "| agent | checkpoint | seeds | env steps | mean reward of samples | gain over base | success rate | "
+             f"KL to rho at end | env steps to rollout reward {args.reach:g} | minutes per run |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for label, s in summary.items():
+        reached = [x for x in s["steps_to_reach"] if x is not None]
+        reach = (f"{statistics.median(reached):.0f} (median, {len(reached)}/{len(s['seeds'])} reached)"
+                 if reached else f"never ({len(s['seeds'])} seeds)")
+        for ckpt in args.checkpoints:
+            c = s[ckpt]
+            lines.append(f"| {label} | {ckpt} | {len(s['seeds'])} | {statistics.mean(s['env_steps']):.0f} | "
+                         f"{mean_std(c['reward_mean'])} | {mean_std(c['gain'])} | {mean_std(c['success_rate'])} | "
+                         f"{mean_std(s['kl_end'])} | {reach} | {statistics.mean(s['train_minutes']):.1f} |")
+    lines += ["", "| checkpoint | difference of mean gains | value | 95 % CI (Welch) | p (Welch) |",
+              "| --- | --- | ---: | --- | ---: |"]
+    for ckpt, pairs in comparisons.items():
+        for name, w in pairs.items():
+            lines.append(f"| {ckpt} | {name} | {w['diff']:+.3f} | [{w['ci95'][0]:+.3f}, {w['ci95'][1]:+.3f}] | "
+                         f"{w['p']:.3f} |")
+    return "\n".join(lines)
+
+
+def _plot(curves: dict[str, list[pd.DataFrame]], base_reward: float, smooth: int, reach: float, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_r, ax_kl) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax_r, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
     for label, seeds in curves.items():
         if not seeds:
             continue
         reward = pd.concat([s["rollout/reward_mean"].rolling(smooth, min_periods=1).mean() for s in seeds], axis=1)
         kl = pd.concat([s["monitor/kl"] for s in seeds], axis=1)
         for ax, frame in ((ax_r, reward), (ax_kl, kl)):
-            line, = ax.plot(frame.index, frame.mean(axis=1), label=f"{label} ({len(seeds)} seeds)")
-            ax.fill_between(frame.index, frame.min(axis=1), frame.max(axis=1), color=line.get_color(), alpha=0.2)
-    ax_r.axhline(base_reward, color="k", ls="--", lw=1, label="base model (sampled)")
+            mean, std = frame.mean(axis=1), frame.std(axis=1).fillna(0.0)
+            line, = ax.plot(frame.index, mean, label=f"{label} ({len(seeds)} seeds)")
+            ax.fill_between(frame.index, mean - std, mean + std, color=line.get_color(), alpha=0.18)
+    ax_r.axhline(base_reward, color="k", ls="--", lw=1, label="base model (evaluation)")
+    ax_r.axhline(reach, color="grey", ls=":", lw=1)
     ax_r.set_ylabel(f"rollout reward (moving mean of {smooth} collections)")
     ax_kl.set_ylabel("KL(pi || rho), nats/token")
     for ax in (ax_r, ax_kl):
-        ax.set_xlabel("training batch")
+        ax.set_xlabel("environment steps (programs sampled)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.suptitle("mean over seeds, band = ±1 std", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

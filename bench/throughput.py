@@ -6,12 +6,15 @@ vocabulary 1024, tied embeddings), randomly initialised: timings do not depend o
 weights. The batch is ``--batch`` transitions with left-padded prompts of up to
 ``--prompt-tokens`` and right-padded actions of up to ``--action-tokens`` tokens.
 
-* ETPO step: exactly what ``TokenRLModule.training_step`` does (``compute_losses``, one
+* ETPO step: ETPO(lambda = 0.9) as the quickstart runs it, exactly what
+  ``TokenRLModule.training_step`` does (``compute_losses`` with its fresh bootstraps, one
   backward of ``q_loss + policy_loss``, per-optimizer gradient clipping, both optimizer
   steps, the Polyak update), without Lightning's loop around it.
 * Parts, each timed on its own: policy forward + policy loss + backward (Q and rho fixed),
   critic forward + Q loss + backward (targets fixed), the target-critic and reference
-  forwards, the soft values and Bellman targets, the optimizer steps and Polyak update.
+  forwards, the soft values and lambda-return targets, the fresh bootstraps V(s_{t+1})
+  (target critic, policy and rho on the next observations, evaluated in every step instead
+  of once at rollout time), the optimizer steps and Polyak update.
 * Supervised step: next-token cross-entropy of the policy and of the critic (as an LM)
   over the same [prompt | action] inputs, one backward, clipping, both optimizer steps:
   the cost of training the same two networks without RL. ETPO, supervised and PPO steps
@@ -39,7 +42,7 @@ from torch import nn
 
 from common import format_table, machine_info, machine_label, set_threads, synchronize, time_call, write_results
 from etpo_lightning.batch import Transition, TransitionBatch
-from etpo_lightning.losses import policy_loss, q_loss, soft_bellman_targets, soft_values
+from etpo_lightning.losses import policy_loss, q_loss, soft_lambda_targets, soft_values
 from etpo_lightning.module import ETPOModule
 from etpo_lightning.ppo import PPOModule
 
@@ -61,7 +64,8 @@ def tiny_coder_sized_llama(vocab_size: int, seed: int = 0) -> nn.Module:
 
 
 def make_batch(batch: int, prompt_tokens: int, action_tokens: int, vocab_size: int, seed: int = 0) -> TransitionBatch:
-    """Transitions of varied lengths (between half and all of the maxima), some episodes done."""
+    """Transitions of varied lengths (between half and all of the maxima), every other one
+    terminated; the others carry a next observation of prompt length (for the bootstraps)."""
     g = torch.Generator().manual_seed(seed)
     transitions = []
     for i in range(batch):
@@ -70,7 +74,9 @@ def make_batch(batch: int, prompt_tokens: int, action_tokens: int, vocab_size: i
         transitions.append(Transition(torch.randint(3, vocab_size, (p,), generator=g),
                                       torch.randint(3, vocab_size, (a,), generator=g),
                                       reward=float(torch.rand(1, generator=g)), terminated=bool(i % 2),
-                                      next_value=float(torch.rand(1, generator=g))))
+                                      logprobs=-torch.rand(a, generator=g),
+                                      next_prompt_ids=(torch.empty(0, dtype=torch.long) if i % 2 else
+                                                       torch.randint(3, vocab_size, (p,), generator=g))))
     return TransitionBatch.collate(transitions, pad_token_id=0)
 
 
@@ -79,7 +85,7 @@ class Steps:
 
     def __init__(self, policy: nn.Module, batch: TransitionBatch, device: str) -> None:
         self.batch = batch.to(device)
-        self.etpo = ETPOModule(policy=copy.deepcopy(policy)).to(device)
+        self.etpo = ETPOModule(policy=copy.deepcopy(policy), lam=0.9).to(device)
         self.ppo = PPOModule(policy=copy.deepcopy(policy)).to(device)
         self.etpo_opts = self.etpo.configure_optimizers()
         self.ppo_opts = self.ppo.configure_optimizers()
@@ -133,7 +139,10 @@ class Steps:
             q_fixed = m.action_outputs(m.critic, b)
             pi_fixed = m.action_outputs(m.policy, b)
             values = soft_values(q_target, pi_fixed, ref, beta, m.hparams.chunk_size)
-            targets = soft_bellman_targets(values, b.action_mask, b.rewards, b.dones, b.next_values, m.hparams.gamma)
+            q_target_taken = q_target.gather(-1, b.action_ids.unsqueeze(-1)).squeeze(-1)
+            next_values = m.next_values(b)
+            targets = soft_lambda_targets(q_target_taken, values, b.action_mask, b.rewards, b.dones, next_values,
+                                          m.hparams.gamma, m.hparams.lam)
         opt_policy, opt_critic = self.etpo_opts
 
         def policy_fwd_bwd() -> None:
@@ -155,7 +164,11 @@ class Steps:
         @torch.no_grad()
         def values_and_targets() -> None:
             v = soft_values(q_target, pi_fixed, ref, beta, m.hparams.chunk_size)
-            soft_bellman_targets(v, b.action_mask, b.rewards, b.dones, b.next_values, m.hparams.gamma)
+            soft_lambda_targets(q_target_taken, v, b.action_mask, b.rewards, b.dones, next_values,
+                                m.hparams.gamma, m.hparams.lam)
+
+        def fresh_bootstraps() -> None:
+            m.next_values(b)
 
         def optimizer_steps() -> None:
             # Steps the gradients the two parts above left: the same work as in the real step.
@@ -168,7 +181,8 @@ class Steps:
         return {"policy forward + loss + backward": policy_fwd_bwd,
                 "critic forward + loss + backward": critic_fwd_bwd,
                 "target critic + reference forwards": frozen_forwards,
-                "soft values + Bellman targets": values_and_targets,
+                "soft values + lambda-return targets": values_and_targets,
+                "fresh bootstraps V(s') (3 forwards of the next observations)": fresh_bootstraps,
                 "clip + optimizer steps + Polyak": optimizer_steps}
 
 
