@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smooth", type=int, default=5, help="collections in the moving mean of the curves")
     parser.add_argument("--stem", default="learning_compare", help="bench/results/<stem>.{json,md,png}")
     args = parser.parse_args(argv)
-    runs = {label: Path(d) for label, d in (item.split("=", 1) for item in args.run)}
+    # The folder follows the last "=": labels such as ETPO(lambda=0.9) hold one themselves.
+    runs = {label: Path(d) for label, d in (item.rsplit("=", 1) for item in args.run)}
 
     cache_name = f"eval_{args.dataset}_{args.samples}_{args.eval_seed}.json"
     base = cached_evaluation(args.base, Path("runs") / "bench_learning" / "base" / cache_name, args.samples,
