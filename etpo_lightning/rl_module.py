@@ -109,6 +109,7 @@ def sharded_clip_grad_norm_(params: list[nn.Parameter], max_norm: float, replica
 class TokenRLModule(pl.LightningModule):
     """Base class; see the subclasses for the algorithms and their arguments."""
 
+    # Optimizer steps per training batch (one per optimizer: 2 with a critic, 1 without).
     optimizer_steps_per_batch = 2
     # Whether the datamodule stores V(s_{t+1}) from ``bootstrap_values`` at rollout time
     # (``next_values``); modules that evaluate bootstraps when training (ETPO) say False.
