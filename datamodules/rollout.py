@@ -67,6 +67,23 @@ class RolloutDataModule(pl.LightningDataModule):
 
     Under DDP every rank runs its own environments with the seed ``seed + 1000 * rank``.
 
+    Groups (``group_size`` G > 1, for GRPO): G samples per observation. The ``num_envs``
+    environments form ``num_envs / G`` groups of G consecutive slots whose k-th episodes
+    start from the same seed (``VectorEnv(group_size=G)``), so the G copies see the same
+    task and first observation and the policy samples G actions for it. (Copies of the
+    environment state rather than G samples of one prompt: multi-step episodes then run
+    on unchanged, each copy continuing from its own action, and the G episodes of a group
+    are G trajectories from one start, as in multi-turn GRPO.) The transitions of an
+    episode are held back until all G episodes of its group have ended; they then enter
+    the replay together, each recording its ``group_id``, ``group_member`` and the
+    group's G ``group_returns`` (undiscounted sums of rewards). With one-step episodes
+    every group completes in the collection that started it; otherwise a group can span
+    collections, and a batch is only drawn once the released transitions fill it (the
+    datamodule collects again until they do). ``env_steps`` counts every sampled action,
+    released or not. Episodes still running at a checkpoint are not saved (on resume the
+    environments restart their episodes, as they always do). G = 1 (default) releases
+    every transition at once, without group fields.
+
     Args:
         env: The environment; each of the ``num_envs`` environments is a deep copy of it.
         tokenizer: Hub id, local path or the alias ``tiny-sklearn-coder`` of the policy's
@@ -87,6 +104,7 @@ class RolloutDataModule(pl.LightningDataModule):
         generation_batch_size: Prompts per ``generate`` call (bounds generation memory).
         step_timeout_s: Seconds an environment step may take before its worker is replaced.
         seed: Seed of environments and sampling.
+        group_size: Samples per observation (see Groups above); must divide ``num_envs``.
     """
 
     def __init__(
@@ -107,6 +125,7 @@ class RolloutDataModule(pl.LightningDataModule):
         generation_batch_size: int = 16,
         step_timeout_s: float | None = None,
         seed: int = 0,
+        group_size: int = 1,
     ) -> None:
         super().__init__()
         for name, value in dict(num_envs=num_envs, rollout_steps=rollout_steps, batch_size=batch_size,
@@ -119,6 +138,9 @@ class RolloutDataModule(pl.LightningDataModule):
                 f"batch_size={batch_size} is larger than the rollout it is drawn from "
                 f"(num_envs * rollout_steps * replay_collections = {num_envs * rollout_steps * replay_collections})"
             )
+        if group_size < 1 or num_envs % group_size:
+            raise ValueError(f"group_size must be >= 1 and divide num_envs={num_envs} (each group of "
+                             f"group_size environments shares its observations), got group_size={group_size}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got temperature={temperature}")
         self.save_hyperparameters(ignore=["env", "tokenizer"])
@@ -138,6 +160,17 @@ class RolloutDataModule(pl.LightningDataModule):
         self._episode_lengths = [0] * num_envs
         self._refresh_requested = True
         self._sample_rng = random.Random(seed)
+        self.groups_completed = 0
+        self._reset_groups()
+
+    def _reset_groups(self) -> None:
+        """Forget running episodes (their environments restart): per-slot transitions and
+        returns so far, episode counters, and groups waiting for their last episodes."""
+        n = self.hparams.num_envs
+        self._episode_transitions: list[list[Transition]] = [[] for _ in range(n)]
+        self._episode_returns = [0.0] * n
+        self._episode_index = [0] * n
+        self._pending_groups: dict[tuple[int, int], dict[int, tuple[list[Transition], float]]] = {}
 
     # ---------------------------------------------------------------- setup
     @property
@@ -149,8 +182,10 @@ class RolloutDataModule(pl.LightningDataModule):
         if self.vector_env is None:
             fns = [functools.partial(copy.deepcopy, self.env) for _ in range(self.hparams.num_envs)]
             self.vector_env = VectorEnv(fns, num_workers=self.hparams.env_workers, seed=self.rank_seed,
-                                        step_timeout_s=self.hparams.step_timeout_s)
+                                        step_timeout_s=self.hparams.step_timeout_s,
+                                        group_size=self.hparams.group_size)
             self._sample_rng.seed(self.rank_seed)
+            self._reset_groups()
 
     def teardown(self, stage: str) -> None:
         if self.vector_env is not None:
@@ -176,6 +211,14 @@ class RolloutDataModule(pl.LightningDataModule):
             self.collect(self.trainer.lightning_module)
             self._refresh_requested = False
         pool = [t for collection in self.replay for t in collection]
+        extra = 0
+        while len(pool) < self.hparams.batch_size:
+            # Groups still running (group_size > 1) or a first collection smaller than a batch.
+            extra += 1
+            if extra > 1000:
+                raise RuntimeError("1000 collections released fewer transitions than one batch: do the episodes end?")
+            self.collect(self.trainer.lightning_module)
+            pool = [t for collection in self.replay for t in collection]
         chosen = self._sample_rng.sample(pool, self.hparams.batch_size)
         batch = TransitionBatch.collate(chosen, self.tokenizer.pad_token_id)
         batch.rollout_stats = dict(self.latest_stats)
@@ -255,7 +298,9 @@ class RolloutDataModule(pl.LightningDataModule):
         venv, hp = self.vector_env, self.hparams
         if self._observations is None:
             self._observations = venv.reset()
-        transitions: list[Transition] = []
+        sampled: list[Transition] = []  # every action of this collection
+        transitions: list[Transition] = []  # what enters the replay (complete groups when group_size > 1)
+        group_size, group_stds = hp.group_size, []
         rewards, successes, errors, finished_lengths, truncations = [], [], [], [], 0
         steps = tqdm(range(hp.rollout_steps), desc="rollout", leave=False, disable=hp.rollout_steps < 2)
         for _ in steps:
@@ -272,10 +317,21 @@ class RolloutDataModule(pl.LightningDataModule):
             next_values = (self._next_values(module, next_prompts, terminated)
                            if getattr(module, "bootstraps_at_rollout", True) else [0.0] * len(next_prompts))
             for i in range(hp.num_envs):
-                transitions.append(Transition(
+                transition = Transition(
                     prompts[i], actions[i], float(step_rewards[i]), terminated=terminated[i], truncated=truncated[i],
                     next_value=float(next_values[i]), logprobs=logprobs[i], next_prompt_ids=next_prompts[i],
-                ))
+                )
+                sampled.append(transition)
+                if group_size == 1:
+                    transitions.append(transition)
+                else:
+                    self._episode_transitions[i].append(transition)
+                    self._episode_returns[i] += float(step_rewards[i])
+                    if dones[i]:
+                        group = self._end_episode(i)
+                        if group is not None:
+                            transitions.extend(group)
+                            group_stds.append(float(group[0].group_returns.std()))
                 self._episode_lengths[i] += 1
                 if dones[i]:
                     finished_lengths.append(self._episode_lengths[i])
@@ -287,9 +343,10 @@ class RolloutDataModule(pl.LightningDataModule):
             truncations += sum(truncated)
             rewards.extend(float(r) for r in step_rewards)
             self._observations = next_obs
-        self.replay.append(transitions)
+        if transitions or group_size == 1:
+            self.replay.append(transitions)
         self.collections += 1
-        self.env_steps += len(transitions)
+        self.env_steps += len(sampled)
         self.episodes_finished += len(finished_lengths)
         self.latest_stats = {
             "rollout/reward_mean": sum(rewards) / len(rewards),
@@ -297,12 +354,38 @@ class RolloutDataModule(pl.LightningDataModule):
             "rollout/success_rate": sum(successes) / len(successes),
             "rollout/error_rate": sum(errors) / len(errors),
             "rollout/episode_len": (sum(finished_lengths) / len(finished_lengths)) if finished_lengths else float("nan"),
-            "rollout/truncated_rate": truncations / len(transitions),
-            "rollout/action_tokens": sum(t.action_ids.numel() for t in transitions) / len(transitions),
+            "rollout/truncated_rate": truncations / len(sampled),
+            "rollout/action_tokens": sum(t.action_ids.numel() for t in sampled) / len(sampled),
             "rollout/best_reward": self.best_reward,
             "rollout/env_steps": float(self.env_steps),
         }
+        if group_size > 1:
+            self.latest_stats["rollout/groups_completed"] = float(self.groups_completed)
+            if group_stds:
+                # Groups whose G returns are all equal: zero advantage, no policy gradient.
+                self.latest_stats["rollout/zero_std_groups"] = sum(s == 0 for s in group_stds) / len(group_stds)
         return transitions
+
+    def _end_episode(self, i: int) -> list[Transition] | None:
+        """Slot ``i``'s episode ended: file it with its group; the group's transitions, with
+        their group fields set, once all of its ``group_size`` episodes have ended."""
+        size = self.hparams.group_size
+        key = (i // size, self._episode_index[i])
+        members = self._pending_groups.setdefault(key, {})
+        members[i % size] = (self._episode_transitions[i], self._episode_returns[i])
+        self._episode_transitions[i], self._episode_returns[i] = [], 0.0
+        self._episode_index[i] += 1
+        if len(members) < size:
+            return None
+        del self._pending_groups[key]
+        returns = torch.tensor([members[m][1] for m in range(size)], dtype=torch.float32)
+        group_id, self.groups_completed = self.groups_completed, self.groups_completed + 1
+        released = []
+        for m in range(size):
+            for t in members[m][0]:
+                t.group_id, t.group_member, t.group_returns = group_id, m, returns.clone()
+                released.append(t)
+        return released
 
     def _next_values(self, module: pl.LightningModule, next_prompts: list[Tensor], terminated: list[bool]) -> list[float]:
         """V(s') at the first position of each next observation; 0 where the episode terminated."""
@@ -332,6 +415,7 @@ class RolloutDataModule(pl.LightningDataModule):
             "latest_stats": self.latest_stats,
             "sample_rng": self._sample_rng.getstate(),
             "refresh_requested": self._refresh_requested,
+            "groups_completed": self.groups_completed,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -342,6 +426,7 @@ class RolloutDataModule(pl.LightningDataModule):
         self.episodes_finished, self.latest_stats = state["episodes_finished"], state["latest_stats"]
         self._sample_rng.setstate(state["sample_rng"])
         self._refresh_requested = state["refresh_requested"]
+        self.groups_completed = state.get("groups_completed", 0)
 
 
 def _upgrade(fields: dict[str, Any]) -> dict[str, Any]:

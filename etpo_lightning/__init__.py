@@ -21,6 +21,7 @@ _EXPORTS = {
     "soft_bellman_targets": "etpo_lightning.losses",
     "soft_values": "etpo_lightning.losses",
     "PPOModule": "etpo_lightning.ppo",
+    "GRPOModule": "etpo_lightning.grpo",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -12,6 +12,13 @@ An episode ends in one of two ways, kept apart because they back up differently:
 bootstrap) and ``truncated`` (the step limit ran out in a state that could go on; the
 target still bootstraps from V at ``next_prompt_ids``, the observation the agent would
 have seen next).
+
+With G samples per observation (``RolloutDataModule(group_size=G)``, for GRPO) a
+transition also records its *group*: the G episodes that started from the same
+observation. ``group_id`` names the group, ``group_member`` is the episode's index in it
+and ``group_returns`` holds the G episode returns (undiscounted sums of rewards), known
+once every episode of the group has ended; the group-relative advantage of the episode
+is a function of these alone (``grpo_losses.group_advantages``).
 """
 
 from __future__ import annotations
@@ -35,11 +42,14 @@ class Transition:
     next_value: float = 0.0  # V(s_{t+1}) at rollout time (modules that bootstrap then); 0 if terminated
     logprobs: Tensor | None = None  # [L] float32, log mu(w_j | h_j) of the sampling distribution
     next_prompt_ids: Tensor | None = None  # [P'] int, the next observation's tokens; empty if terminated
+    group_id: int = -1  # the group of episodes sharing a first observation (-1: no group)
+    group_member: int = -1  # this episode's index in its group, 0..G-1
+    group_returns: Tensor | None = None  # [G] float32, the returns of the group's episodes
 
     def nbytes(self) -> int:
-        """Bytes this transition holds in tensors (ids, log-probs) plus its scalars."""
-        tensors = [self.prompt_ids, self.action_ids, self.logprobs, self.next_prompt_ids]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None) + 4 * 4
+        """Bytes this transition holds in tensors (ids, log-probs, group returns) plus its scalars."""
+        tensors = [self.prompt_ids, self.action_ids, self.logprobs, self.next_prompt_ids, self.group_returns]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None) + 6 * 4
 
 
 @dataclass
@@ -66,6 +76,11 @@ class TransitionBatch:
     # Statistics of the rollout collection this batch was drawn from (rollout/reward_mean, ...),
     # carried with the batch so the module can log them under any strategy.
     rollout_stats: dict[str, float] | None = field(default=None)
+    # Groups (G samples per observation; None unless every transition has one): the group
+    # ids [B] long, each row's member index [B] long and its group's returns [B, G] float32.
+    group_ids: Tensor | None = field(default=None)
+    group_members: Tensor | None = field(default=None)
+    group_returns: Tensor | None = field(default=None)
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -91,6 +106,14 @@ class TransitionBatch:
             pad = torch.tensor([pad_token_id], dtype=torch.long)
             nexts = [t.next_prompt_ids.long() if t.next_prompt_ids.numel() else pad for t in transitions]
             next_ids, next_mask = _pad(nexts, pad_token_id, left=True)
+        group_ids = group_members = group_returns = None
+        if all(t.group_returns is not None for t in transitions):
+            sizes = {t.group_returns.numel() for t in transitions}
+            if len(sizes) != 1:
+                raise ValueError(f"transitions from groups of different sizes {sorted(sizes)} in one batch")
+            group_ids = torch.tensor([t.group_id for t in transitions], dtype=torch.long)
+            group_members = torch.tensor([t.group_member for t in transitions], dtype=torch.long)
+            group_returns = torch.stack([t.group_returns.float() for t in transitions])
         return cls(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
@@ -102,6 +125,9 @@ class TransitionBatch:
             old_logprobs=old_logprobs,
             next_prompt_ids=next_ids,
             next_prompt_mask=next_mask,
+            group_ids=group_ids,
+            group_members=group_members,
+            group_returns=group_returns,
         )
 
 

@@ -4,7 +4,8 @@ A policy LM, a critic with its own optimizer, a frozen reference; forwards over
 [left-padded prompt | right-padded action]; manual optimisation with one backward of the
 summed losses, per-optimizer gradient clipping and a guard against non-finite losses;
 ``max_steps`` counted in batches; ``train/*`` and ``rollout/*`` logging. Subclasses
-(``ETPOModule``, ``PPOModule``) say what the critic is, which losses to minimise
+(``ETPOModule``, ``PPOModule``, ``GRPOModule``) say what the critic is (``GRPOModule``
+has none: ``build_critic`` returns None and only the policy's optimizer exists), which losses to minimise
 (``compute_losses``), what to do after the optimizer steps (``after_optimizer_steps``)
 and the value of an observation used to bootstrap (``bootstrap_values``).
 """
@@ -108,6 +109,7 @@ def sharded_clip_grad_norm_(params: list[nn.Parameter], max_norm: float, replica
 class TokenRLModule(pl.LightningModule):
     """Base class; see the subclasses for the algorithms and their arguments."""
 
+    # Optimizer steps per training batch (one per optimizer: 2 with a critic, 1 without).
     optimizer_steps_per_batch = 2
     # Whether the datamodule stores V(s_{t+1}) from ``bootstrap_values`` at rollout time
     # (``next_values``); modules that evaluate bootstraps when training (ETPO) say False.
@@ -149,8 +151,8 @@ class TokenRLModule(pl.LightningModule):
             raise ValueError("pass `policy` too when injecting `critic` or `reference`")
 
     # ------------------------------------------------------------------ models
-    def build_critic(self, policy: nn.Module) -> nn.Module:
-        """The critic when none is injected (subclasses decide)."""
+    def build_critic(self, policy: nn.Module) -> nn.Module | None:
+        """The critic when none is injected (subclasses decide; None: the method has no critic)."""
         raise NotImplementedError
 
     def build_reference(self, policy: nn.Module) -> nn.Module:
@@ -161,7 +163,8 @@ class TokenRLModule(pl.LightningModule):
         """Set the networks (subclasses add theirs, e.g. a target critic, after calling this)."""
         self.policy = policy.train()  # from_pretrained returns eval-mode models
         self.reference = frozen(reference if reference is not None else self.build_reference(policy))
-        self.critic = (critic if critic is not None else self.build_critic(policy)).train()
+        critic = critic if critic is not None else self.build_critic(policy)
+        self.critic = critic.train() if critic is not None else None
 
     def configure_model(self) -> None:
         """Load the policy from ``model_name_or_path`` unless models were injected (idempotent).
@@ -244,7 +247,9 @@ class TokenRLModule(pl.LightningModule):
         """Called after both optimizers stepped (e.g. a Polyak update)."""
 
     def training_step(self, batch: TransitionBatch, batch_idx: int) -> Tensor:
-        opt_policy, opt_critic = self.optimizers()
+        # [policy] or [policy, critic] (a module without critic has one optimizer).
+        optimizers = self.optimizers()
+        optimizers = list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
         out = self.compute_losses(batch)
         loss = sum(v for k, v in out.items() if k.endswith("loss"))
 
@@ -258,14 +263,14 @@ class TokenRLModule(pl.LightningModule):
             self.log("train/nonfinite_steps", float(self.nonfinite_steps))
             return loss.detach()
 
-        opt_policy.zero_grad(set_to_none=True)
-        opt_critic.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         # One backward of the sum: the losses touch disjoint parameters, and a single
         # backward keeps DDP's gradient buckets in sync across ranks. Gradients are clipped
         # inside each step, in ``on_before_optimizer_step`` (after AMP unscaling).
         self.manual_backward(loss)
-        opt_critic.step()
-        opt_policy.step()
+        for opt in reversed(optimizers):  # the critic first, then the policy
+            opt.step()
         self.after_optimizer_steps()
         self.log_training_metrics(out, batch)
         return loss.detach()
@@ -307,10 +312,10 @@ class TokenRLModule(pl.LightningModule):
         def trainable(m: nn.Module) -> list[nn.Parameter]:
             return [p for p in m.parameters() if p.requires_grad]
 
-        return [
-            optimizer_cls(trainable(self.policy), lr=self.hparams.policy_lr, weight_decay=decay),
-            optimizer_cls(trainable(self.critic), lr=self.hparams.critic_lr, weight_decay=decay),
-        ]
+        optimizers = [optimizer_cls(trainable(self.policy), lr=self.hparams.policy_lr, weight_decay=decay)]
+        if self.critic is not None:
+            optimizers.append(optimizer_cls(trainable(self.critic), lr=self.hparams.critic_lr, weight_decay=decay))
+        return optimizers
 
     # --------------------------------------------------------------- FSDP hooks
     def generation_kwargs(self) -> dict[str, Any]:

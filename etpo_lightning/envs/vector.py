@@ -12,8 +12,13 @@ Semantics (both modes):
   ``info["error"] = "env raised <Type>: <message>"``; the others are unaffected.
 * Every ``info`` has ``error``, ``success`` and ``episode_step``.
 * Seeds: reset number ``k`` of environment ``i`` uses
-  ``SeedSequence([seed, i, k])``, so runs are reproducible and DDP ranks that pass
-  different ``seed`` values get different episodes.
+  ``SeedSequence([seed, i // group_size, k])``, so runs are reproducible and DDP ranks that
+  pass different ``seed`` values get different episodes. With ``group_size`` G > 1 the
+  environments form groups of G consecutive slots whose k-th episodes start from the same
+  seed, hence (for an environment whose ``reset(seed)`` is deterministic) from the same
+  task and first observation: G samples per observation, as GRPO needs. The slots of a
+  group still step independently (their actions differ); with G = 1 (default) every slot
+  has its own seeds, as before groups existed.
 
 With ``num_workers > 0`` the environments live in worker processes started with the
 ``forkserver`` (default on Linux) or ``spawn`` method -- never ``fork``, because the trainer
@@ -177,6 +182,8 @@ class VectorEnv:
         start_method: ``"forkserver"`` (default where available) or ``"spawn"``.
         reset_timeout_s: how long a (re)started worker may take to create and reset its
             environments.
+        group_size: environments ``[g*G, (g+1)*G)`` share the seed of each of their resets
+            (see the module docstring); must divide the number of environments.
     """
 
     def __init__(
@@ -187,10 +194,15 @@ class VectorEnv:
         step_timeout_s: float | None = None,
         start_method: str | None = None,
         reset_timeout_s: float | None = 600.0,
+        group_size: int = 1,
     ) -> None:
         self.env_fns = list(env_fns)
         if not self.env_fns:
             raise ValueError("VectorEnv needs at least one env_fn")
+        if group_size < 1 or len(self.env_fns) % group_size:
+            raise ValueError(f"group_size must be >= 1 and divide the number of environments "
+                             f"({len(self.env_fns)}), got group_size={group_size}")
+        self.group_size = int(group_size)
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.num_envs = len(self.env_fns)
@@ -236,7 +248,8 @@ class VectorEnv:
 
     def _seed_for(self, i: int) -> int:
         """Seed of the next reset of env ``i`` (the counter moves on when it is used)."""
-        return int(np.random.SeedSequence([self.seed, i, self._resets[i]]).generate_state(1)[0])
+        group = i // self.group_size
+        return int(np.random.SeedSequence([self.seed, group, self._resets[i]]).generate_state(1)[0])
 
     # -- public API ------------------------------------------------------------------------
 

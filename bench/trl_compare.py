@@ -1,0 +1,258 @@
+"""Our GRPOModule and ETPOModule against TRL's GRPOTrainer on the same model, task and budget.
+
+    pip install -e ".[compare]"                       # trl==1.16.0 (optional, never a core dependency)
+    python bench/trl_compare.py                       # 400 programs per method, G = 8
+    python bench/trl_compare.py --programs 16         # a smoke test (2 updates per method)
+    python bench/trl_compare.py --methods ours_grpo trl_grpo
+
+Every method trains the tiny coder on the single-step version of the quickstart task
+(``DataScienceCodingEnv(max_steps=1)``: one program per episode, reward = mean CV AUC or
+-1, computed by our sandboxed executor through ``VectorEnv`` with ``--env-workers``
+processes) with the same group size G, learning rate, KL coefficient beta, clip epsilon,
+sampling (temperature 1, ``--max-new-tokens``) and number of sampled programs: one
+collection of G programs for the one observation, then one gradient step on those G
+programs (TRL: ``num_generations = per_device_train_batch_size = G``,
+``steps_per_generation = num_iterations = 1``; ours: ``RolloutDataModule(num_envs=G,
+group_size=G, batch_size=G)`` refreshed every batch). TRL's loss is ``loss_type="grpo"``
+(per-sequence normalisation) with ``scale_rewards="group"``, as our GRPOModule's defaults.
+ETPOModule gets the same data and shared hyperparameters, its critic those of
+configs/quickstart.yaml.
+
+Each method runs in its own child process (so that peak RSS is its own) and reports:
+  * wall time of training (``trainer.fit`` / ``GRPOTrainer.train``; model loading and
+    trainer construction excluded) per 100 sampled programs;
+  * peak RSS of the training process (ru_maxrss; the sandboxed program runs and env
+    workers are separate processes, the same for every method, and not included);
+  * mean reward of every collection of G programs against programs sampled.
+Writes bench/results/trl_compare.json and .png (``--out-name`` to change the stem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+METHODS = ("trl_grpo", "ours_grpo", "ours_etpo")
+LABELS = {"trl_grpo": "TRL GRPOTrainer", "ours_grpo": "GRPOModule (ours)", "ours_etpo": "ETPOModule (ours)"}
+
+
+def make_env(timeout_s: float = 10.0, memory_mb: int = 1024):
+    """The single-step quickstart environment: one program per episode."""
+    from etpo_lightning.envs import DataScienceCodingEnv, SyntheticDataset
+
+    return DataScienceCodingEnv(dataset=SyntheticDataset(kind="quickstart"), timeout_s=timeout_s,
+                                memory_mb=memory_mb, max_steps=1)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+# ---------------------------------------------------------------- ours (Lightning)
+def run_ours(method: str, args: argparse.Namespace) -> dict:
+    import pytorch_lightning as pl
+
+    from etpo_lightning import ETPOModule, GRPOModule
+    from etpo_lightning.callbacks import RolloutRefresh
+    from etpo_lightning.datamodules.rollout import RolloutDataModule
+    from etpo_lightning.models import load_causal_lm, load_tokenizer
+
+    pl.seed_everything(args.seed)
+    g = args.group_size
+    tokenizer = load_tokenizer(args.model)
+    policy = load_causal_lm(args.model)
+    if method == "ours_grpo":
+        module = GRPOModule(policy=policy, beta=args.beta, clip_ratio=args.epsilon, policy_lr=args.lr,
+                            scale_rewards=True, loss_aggregation="sequence")
+    else:
+        # The quickstart's critic settings (configs/quickstart.yaml); beta and lr shared.
+        module = ETPOModule(policy=policy, beta=args.beta, gamma=0.99, policy_lr=args.lr, critic_lr=1e-3, tau=0.5,
+                            critic_head_init="dueling", critic_advantage_scale=0.1)
+    dm = RolloutDataModule(env=make_env(), tokenizer=tokenizer, num_envs=g, group_size=g, env_workers=args.env_workers,
+                           rollout_steps=1, batch_size=g, batches_per_epoch=1, replay_collections=1,
+                           max_new_tokens=args.max_new_tokens, temperature=1.0, seed=args.seed)
+    curve: list[tuple[int, float]] = []
+    collect = dm.collect
+
+    def recording_collect(m):
+        out = collect(m)
+        curve.append((dm.env_steps, dm.latest_stats["rollout/reward_mean"]))
+        return out
+
+    dm.collect = recording_collect
+    trainer = pl.Trainer(max_steps=args.programs // g, accelerator="cpu", precision="32-true", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[RolloutRefresh(every_n_steps=1)])
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    seconds = time.perf_counter() - start
+    return {"train_seconds": seconds, "programs": dm.env_steps, "curve": curve}
+
+
+# ----------------------------------------------------------------------- TRL
+def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from etpo_lightning.envs import VectorEnv
+    from etpo_lightning.models import load_causal_lm, load_tokenizer
+
+    g = args.group_size
+    tokenizer = load_tokenizer(args.model)
+    model = load_causal_lm(args.model)
+    env = make_env()
+    prompt = env.reset(seed=0)  # the quickstart task has one observation
+    env.close()
+    venv = VectorEnv([make_env] * g, num_workers=args.env_workers, seed=args.seed)
+    venv.reset()
+    curve: list[tuple[int, float]] = []
+    sampled = [0]
+
+    def sandbox_reward(prompts: list[str], completions: list[str], **_) -> list[float]:
+        """Each completion is a program body: step a single-step env with it (our sandbox)."""
+        rewards: list[float] = []
+        for start in range(0, len(completions), g):
+            chunk = list(completions[start:start + g])
+            n = len(chunk)
+            _, step_rewards, _, _ = venv.step(chunk + [""] * (g - n))
+            rewards.extend(step_rewards[:n])
+        sampled[0] += len(completions)
+        curve.append((sampled[0], sum(rewards) / len(rewards)))
+        return rewards
+
+    config = GRPOConfig(
+        output_dir=str(out_dir / "trl_run"), use_cpu=True, bf16=False, fp16=False, seed=args.seed,
+        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
+        weight_decay=0.0, max_grad_norm=1.0, beta=args.beta, epsilon=args.epsilon,
+        num_generations=g, per_device_train_batch_size=g, gradient_accumulation_steps=1,
+        steps_per_generation=1, num_iterations=1, loss_type="grpo", scale_rewards="group",
+        max_completion_length=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+        max_steps=args.programs // g, logging_steps=1, save_strategy="no", report_to="none",
+        dataloader_num_workers=0, disable_dropout=False,
+    )
+    dataset = Dataset.from_dict({"prompt": [prompt] * args.programs})
+    trainer = GRPOTrainer(model=model, reward_funcs=sandbox_reward, args=config, train_dataset=dataset,
+                          processing_class=tokenizer)
+    start = time.perf_counter()
+    try:
+        trainer.train()
+    finally:
+        seconds = time.perf_counter() - start
+        venv.close()
+    return {"train_seconds": seconds, "programs": sampled[0], "curve": curve}
+
+
+# ------------------------------------------------------------------- driver
+def child(method: str, args: argparse.Namespace) -> None:
+    from common import set_threads
+
+    set_threads(args.threads)
+    out_dir = Path(args.work_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = run_trl(args, out_dir) if method == "trl_grpo" else run_ours(method, args)
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["seconds_per_100_programs"] = 100.0 * result["train_seconds"] / max(1, result["programs"])
+    (out_dir / f"{method}.json").write_text(json.dumps(result, indent=2))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--programs", type=int, default=400, help="sampled programs per method (a multiple of G)")
+    parser.add_argument("--group-size", type=int, default=8, help="G: programs per observation and per update")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--epsilon", type=float, default=0.2, help="clip range of the token ratios")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--env-workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="tiny-sklearn-coder")
+    parser.add_argument("--work-dir", default="runs/trl_compare")
+    parser.add_argument("--out-name", default="trl_compare", help="stem of the files in bench/results/")
+    parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.programs % args.group_size:
+        parser.error(f"--programs ({args.programs}) must be a multiple of --group-size ({args.group_size})")
+    if args.child:
+        child(args.child, args)
+        return {}
+
+    from common import machine_info, machine_label, write_results
+
+    info = machine_info()
+    info["torch_threads"] = args.threads
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--methods"
+                   and a not in METHODS]
+    results, failures = {}, {}
+    for method in args.methods:
+        print(f"== {LABELS[method]}: {args.programs} programs", flush=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method, *passthrough]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        path = Path(args.work_dir) / f"{method}.json"
+        if proc.returncode != 0 or not path.exists():
+            failures[method] = {"returncode": proc.returncode, "stderr_tail": proc.stderr[-4000:]}
+            print(f"   failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}", flush=True)
+            continue
+        results[method] = json.loads(path.read_text())
+        path.unlink()
+        r = results[method]
+        print(f"   {r['seconds_per_100_programs']:.1f} s / 100 programs, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+
+    header = "| method | s / 100 programs | peak RSS (MB) | mean reward, first G | mean reward, last G | programs |"
+    rows = [header, "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for method, r in results.items():
+        first = r["curve"][0][1] if r["curve"] else float("nan")
+        last = r["curve"][-1][1] if r["curve"] else float("nan")
+        rows.append(f"| {LABELS[method]} | {r['seconds_per_100_programs']:.1f} | {r['peak_rss_mb']:.0f} | "
+                    f"{first:.3f} | {last:.3f} | {r['programs']} |")
+    table = "\n".join(rows)
+    if "trl_grpo" in results and "ours_grpo" in results:
+        ratio = results["ours_grpo"]["seconds_per_100_programs"] / results["trl_grpo"]["seconds_per_100_programs"]
+        table += f"\n\nGRPOModule / TRL wall time per program: {ratio:.2f}"
+    if "trl_grpo" in results and "ours_etpo" in results:
+        ratio = results["ours_etpo"]["seconds_per_100_programs"] / results["trl_grpo"]["seconds_per_100_programs"]
+        table += f"\nETPOModule / TRL wall time per program: {ratio:.2f}"
+    settings = {k: getattr(args, k) for k in ("programs", "group_size", "lr", "beta", "epsilon", "max_new_tokens",
+                                               "env_workers", "threads", "seed", "model")}
+    data = {"settings": settings, "results": results, "failures": failures, "table": table,
+            "machine_label": machine_label(info)}
+    command = "python bench/trl_compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_results(args.out_name, data, info, command.strip())
+    _plot(results, HERE / "results" / f"{args.out_name}.png", args.group_size)
+    print(table)
+    return data
+
+
+def _plot(results: dict, path: Path, g: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for method, r in results.items():
+        if r["curve"]:
+            xs, ys = zip(*r["curve"])
+            ax.plot(xs, ys, label=LABELS[method], alpha=0.85)
+    ax.set_xlabel("programs sampled")
+    ax.set_ylabel(f"mean reward of a group of {g}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
