@@ -34,6 +34,7 @@ from .base import StepResult, TextEnv, make_info
 from .datasets import TabularDataset
 from .prompts import REFLECTION_TEMPLATE, TASK_TEMPLATE, render_reflection_prompt, render_task_prompt
 from .sandbox import Sandbox
+from .sandbox_wire import MAX_ERROR_CHARS, clean_text
 
 #: The line the prompt ends with; the action is the body that follows it.
 DEF_LINE = "def build_model(x_train, y_train):\n"
@@ -195,7 +196,8 @@ class DataScienceCodingEnv(TextEnv):
             result = None
             if remaining > 0:
                 result = self.sandbox.fit_predict(
-                    program, x_tr, y_tr, x_te, timeout_s=remaining, seed=self.seed * 1000 + i, hide_paths=self.hide_paths
+                    program, x_tr, y_tr, x_te, timeout_s=remaining, seed=self.seed * 1000 + i, hide_paths=self.hide_paths,
+                    n_classes=self.dataset.n_classes,
                 )
                 output = result.output
             if result is None or result.kind == "timeout":
@@ -210,10 +212,13 @@ class DataScienceCodingEnv(TextEnv):
                 break
             score, error = self._score(result.proba, y_te)
             if error is not None:
-                kind = "bad_proba"
+                kind = "bad_proba"  # the sandbox checks shape and finiteness; this is a last guard
                 break
             scores.append(score)
         reward = float(np.mean(scores)) if error is None else -1.0
+        # Whatever the program printed or raised, info and the next prompt get valid,
+        # bounded UTF-8 (a tokenizer raises on lone surrogates; see docs/security.md).
+        error = None if error is None else clean_text(error, MAX_ERROR_CHARS)
         if error is None and reward > self.best_reward:
             self.best_reward, self.best_code = reward, body
         info = make_info(
@@ -223,7 +228,7 @@ class DataScienceCodingEnv(TextEnv):
             failure_kind=kind,
             cv_scores=scores,
             elapsed_s=time.monotonic() - start,
-            output=output[-2000:],
+            output=clean_text(output[-2000:], 2000),
             code=body,
         )
         return reward, info

@@ -6,14 +6,22 @@ imported and forks one isolated child per execution, which costs ~0.05 s instead
 ~3 s of a fresh interpreter. All :class:`Sandbox` objects of a process with the same
 settings share one executor (it runs one execution at a time, guarded by a lock).
 
-What the child gets, when the machine allows it (see ``Sandbox.isolation`` and
-``docs/environments.md``): its own session/process group killed as a whole at the end,
-rlimits on address space (``memory_mb`` on top of the preloaded libraries), CPU time,
-file size, open files and processes; an empty private working directory that is removed
-afterwards; a network namespace without network; a mount namespace in which every
-world-writable directory is that working directory; an unprivileged uid of its own; no
-way to regain privileges. Anything that is not available is reported once with a
-``RuntimeWarning`` and listed in ``Sandbox.missing_isolation``.
+What the child gets, when the machine allows it (see ``Sandbox.isolation``,
+``docs/environments.md`` and the threat model in ``docs/security.md``): its own
+session/process group killed as a whole at the end, rlimits on address space
+(``memory_mb`` on top of the preloaded libraries), CPU time, file size, open files and
+processes; a cgroup per execution capping memory, processes and CPU of its whole process
+tree; an empty private working directory that is removed afterwards; a network namespace
+without network; an IPC namespace (no SysV IPC or POSIX message queue outlives it); a mount
+namespace in which every world-writable directory is that working directory; an
+unprivileged uid of its own; no way to regain privileges; a seccomp filter (no keyring,
+ptrace, mounts, new namespaces, eBPF, ...). Anything that is not available is reported once
+with a ``RuntimeWarning`` and listed in ``Sandbox.missing_isolation``.
+
+Nothing that comes back is trusted: the executor validates the child's result (schema,
+sizes, the expected probability shape, before reading the arrays) and this side validates
+the executor's answer again; every string in a :class:`SandboxResult` is valid UTF-8 of
+bounded length (:func:`~etpo_lightning.envs.sandbox_wire.clean_text`).
 """
 
 from __future__ import annotations
@@ -35,8 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .sandbox_cgroup import teardown as _remove_cgroup_dirs
 from .sandbox_isolation import WORKDIR_PREFIX
-from .sandbox_wire import encode_message, read_message, write_all
+from .sandbox_wire import RESULT_KINDS, check_result, clean_text, encode_message, read_message, write_all
 
 EXECUTOR_SCRIPT = Path(__file__).with_name("sandbox_executor.py")
 
@@ -96,8 +105,10 @@ class SandboxResult:
     """What one execution produced.
 
     ``kind`` is ``"ok"`` on success, otherwise one of ``syntax``, ``exception``,
-    ``no_model``, ``timeout``, ``output_limit``, ``exit``, ``signal``, ``setup``,
-    ``protocol``, ``executor_crash``, ``executor_timeout``, ``shutdown``, ``internal``.
+    ``no_model``, ``bad_proba``, ``timeout``, ``output_limit``, ``exit``, ``signal``,
+    ``memory``, ``setup``, ``protocol``, ``executor_crash``, ``executor_timeout``,
+    ``shutdown``, ``internal``. ``error`` and ``output`` are valid UTF-8 without control
+    characters (newlines and tabs kept in ``output``), at most a few KB.
     """
 
     ok: bool
@@ -111,8 +122,8 @@ class SandboxResult:
 class _Executor:
     """One warm executor process and its two pipes."""
 
-    def __init__(self, preload: Sequence[str], isolate: bool, uid: int | str, startup_timeout_s: float) -> None:
-        config = json.dumps({"preload": list(preload), "isolate": isolate, "uid": uid})
+    def __init__(self, preload: Sequence[str], isolate: bool, uid: int | str, startup_timeout_s: float, cgroups: bool = True) -> None:
+        config = json.dumps({"preload": list(preload), "isolate": isolate, "uid": uid, "cgroups": cgroups})
         self.proc = subprocess.Popen(
             [sys.executable, str(EXECUTOR_SCRIPT), config],
             stdin=subprocess.PIPE,
@@ -128,7 +139,7 @@ class _Executor:
         self._out = self.proc.stdout.fileno()
         try:
             self.info, _ = read_message(self._out, time.monotonic() + startup_timeout_s)
-        except (EOFError, TimeoutError, OSError, ValueError) as exc:
+        except (EOFError, TimeoutError, OSError, ValueError, RecursionError) as exc:
             self.kill()
             raise RuntimeError(
                 f"the sandbox executor failed to start ({type(exc).__name__}: {exc}); "
@@ -151,7 +162,13 @@ class _Executor:
         rc = self.proc.wait()
         self._close_pipes()
         self._remove_workdirs()
+        self._remove_cgroups()
         return rc
+
+    def _remove_cgroups(self) -> None:
+        # A killed executor cannot remove its (by then empty) cgroup directories.
+        dirs = [d for d in self.info.get("cgroup_dirs", []) if isinstance(d, str) and f"etpo-sandbox-{self.pid}" in d]
+        _remove_cgroup_dirs({"dirs": dict(enumerate(dirs))})
 
     def _remove_workdirs(self) -> None:
         # A killed executor cannot remove the working directory of the execution it was
@@ -171,6 +188,7 @@ class _Executor:
         except subprocess.TimeoutExpired:
             self.kill()
         self._remove_workdirs()
+        self._remove_cgroups()
 
     def _close_pipes(self) -> None:
         for pipe in (self.proc.stdin, self.proc.stdout):
@@ -199,8 +217,8 @@ class _SharedExecutor:
         if self.executor is not None and not self.executor.alive():
             self.discard()
         if self.executor is None:
-            preload, isolate, uid = self.key
-            self.executor = _Executor(preload, isolate, uid, startup_timeout_s)
+            preload, isolate, uid, cgroups = self.key
+            self.executor = _Executor(preload, isolate, uid, startup_timeout_s, cgroups)
             if isolate:
                 for note in self.executor.info.get("missing", []):
                     _warn_once(f"sandbox isolation not available: {note}")
@@ -289,6 +307,11 @@ class Sandbox:
             only rlimits, the process group and the private directory (for debugging).
         sandbox_uid: ``"per-execution"`` (default: a fresh unprivileged uid per child, so
             concurrent programs cannot signal each other) or a fixed uid such as 65534.
+        cgroups: put each execution in its own cgroup (when the machine allows it): its
+            whole process tree may use at most ``memory_mb`` plus the executor's resident
+            size (copy-on-write), ``2 * CPUs + 32`` tasks and ``max_cpus`` CPUs.
+        max_cpus: CPU bandwidth of one execution's process tree (cgroup ``cpu.max``);
+            ``None``: no cap.
         preload: modules imported by the executor; programs can import only these when
             privileges are dropped. Default: :func:`default_preload`.
         startup_timeout_s: how long the executor may take to import everything.
@@ -301,6 +324,8 @@ class Sandbox:
     max_file_mb: int = 64
     isolate: bool = True
     sandbox_uid: int | str = "per-execution"
+    cgroups: bool = True
+    max_cpus: float | None = 1.0
     preload: Sequence[str] | None = None
     startup_timeout_s: float = 300.0
     grace_s: float = 30.0
@@ -310,7 +335,7 @@ class Sandbox:
     def _get_shared(self) -> _SharedExecutor:
         if self._shared is None or self._owner_pid != os.getpid():
             preload = tuple(self.preload) if self.preload is not None else default_preload()
-            self._shared = _acquire((preload, bool(self.isolate), self.sandbox_uid))
+            self._shared = _acquire((preload, bool(self.isolate), self.sandbox_uid, bool(self.cgroups)))
             self._owner_pid = os.getpid()
         return self._shared
 
@@ -351,10 +376,15 @@ class Sandbox:
         seed: int = 0,
         entry: str = "build_model",
         hide_paths: Sequence[str] = (),
+        n_classes: int | None = None,
     ) -> SandboxResult:
         """Run ``program``, call ``entry(x_train, y_train)`` and ``predict_proba(x_test)``.
 
         Never raises for anything the program does; the failure is in the result.
+        ``predict_proba`` must return a finite ``(len(x_test), n_classes)`` array
+        (``n_classes`` defaults to the number of distinct labels in ``y_train``); anything
+        else is a ``bad_proba`` (or, if forged, ``protocol``) failure, refused before the
+        array is sent.
         ``seed`` seeds ``random`` and ``numpy.random`` in the child. ``hide_paths`` are
         files/directories the program must not read (e.g. the CSV with the labels); they
         are masked when a mount namespace is available.
@@ -370,6 +400,8 @@ class Sandbox:
             "max_file_mb": int(self.max_file_mb),
             "seed": int(seed),
             "hide_paths": [os.path.abspath(p) for p in hide_paths],
+            "expect_shape": [int(len(x_test)), int(n_classes if n_classes is not None else len(np.unique(y_train)))],
+            "max_cpus": None if self.max_cpus is None else float(self.max_cpus),
         }
         arrays = {
             "x_train": np.asarray(x_train, dtype=np.float64),
@@ -388,20 +420,31 @@ class Sandbox:
                     False, None, f"the sandbox executor did not answer within {timeout + self.grace_s:g} s and was restarted",
                     "executor_timeout", "", time.monotonic() - start,
                 )
-            except (EOFError, OSError, ValueError) as exc:
+            except (EOFError, OSError, ValueError, RecursionError) as exc:
                 rc = shared.discard()
                 return SandboxResult(
                     False, None,
                     f"the sandbox executor died during the execution (exit status {rc}, {type(exc).__name__}); it was restarted",
                     "executor_crash", "", time.monotonic() - start,
                 )  # fmt: skip
+            elapsed = time.monotonic() - start
+        # The executor runs no program code, but check its answer all the same: nothing
+        # malformed may reach the trainer as anything but a failed result.
+        output = response.get("output", "")
+        output = clean_text(output, 4096) if isinstance(output, str) else ""
+        try:
+            header, proba = check_result(response, out, header["expect_shape"], RESULT_KINDS)
+        except (ValueError, RecursionError) as exc:
+            reason = clean_text(str(exc), 300) if isinstance(exc, ValueError) else "nested too deeply"
+            return SandboxResult(False, None, f"invalid answer from the sandbox executor: {reason}", "protocol", output, elapsed)
+        reported = response.get("elapsed_s")
         return SandboxResult(
-            ok=bool(response.get("ok")),
-            proba=out.get("proba"),
-            error=response.get("error"),
-            kind=str(response.get("kind", "ok")) if not response.get("ok") else "ok",
-            output=str(response.get("output", "")),
-            elapsed_s=float(response.get("elapsed_s", 0.0)),
+            ok=header["ok"],
+            proba=proba,
+            error=header["error"],
+            kind=header["kind"],
+            output=output,
+            elapsed_s=float(reported) if type(reported) in (int, float) else elapsed,
         )
 
     def __getstate__(self) -> dict:

@@ -55,11 +55,13 @@ import warnings
 import numpy as np
 
 if __package__:
-    from .sandbox_isolation import PR_SET_CHILD_SUBREAPER, WORKDIR_PREFIX, enter_sandbox, limits_for, prctl, probe_isolation, rmtree, vm_size_bytes
-    from .sandbox_wire import decode_message, encode_message, read_message, write_all
+    from . import sandbox_cgroup as cgroup
+    from .sandbox_isolation import PR_SET_CHILD_SUBREAPER, WORKDIR_PREFIX, cleanup, enter_sandbox, limits_for, nproc_limit, prctl, probe_isolation, rmtree, vm_size_bytes
+    from .sandbox_wire import MAX_ERROR_CHARS, MAX_RESULT_HEADER_BYTES, PREFIX_BYTES, check_result, clean_text, decode_message, describe_shape_error, encode_message, payload_limit, read_message, unpack_prefix, write_all
 else:  # run as a script: the siblings are importable from the script's directory
-    from sandbox_isolation import PR_SET_CHILD_SUBREAPER, WORKDIR_PREFIX, enter_sandbox, limits_for, prctl, probe_isolation, rmtree, vm_size_bytes
-    from sandbox_wire import decode_message, encode_message, read_message, write_all
+    import sandbox_cgroup as cgroup
+    from sandbox_isolation import PR_SET_CHILD_SUBREAPER, WORKDIR_PREFIX, cleanup, enter_sandbox, limits_for, nproc_limit, prctl, probe_isolation, rmtree, vm_size_bytes
+    from sandbox_wire import MAX_ERROR_CHARS, MAX_RESULT_HEADER_BYTES, PREFIX_BYTES, check_result, clean_text, decode_message, describe_shape_error, encode_message, payload_limit, read_message, unpack_prefix, write_all
 
     # ... and then no longer: a program must not import the package's modules by accident.
     sys.path.pop(0)
@@ -114,23 +116,31 @@ _RESULT_FD = 3
 _real_exit = os._exit
 
 
-def _short(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
+def _short(text: object, limit: int = 300) -> str:
+    try:
+        text = str(text)[: 4 * limit]
+    except BaseException:  # noqa: BLE001 - a program's __str__ may raise anything
+        text = "<unprintable>"
+    text = " ".join(clean_text(text, 4 * limit).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _type_name(exc: BaseException) -> str:
+    return _short(type(exc).__name__, 80)
 
 
 def describe_exception(exc: BaseException, program: str, phase: str, memory_mb: int) -> str:
     """``Type: message (line N: code)`` pointing at the last frame inside the program."""
     if isinstance(exc, SyntaxError) and exc.filename == FILENAME:
         where = f" (line {exc.lineno}: {_short(exc.text or '', 120)})" if exc.lineno else ""
-        return f"{type(exc).__name__}: {exc.msg}{where}"
+        return clean_text(f"{_type_name(exc)}: {_short(exc.msg)}{where}")
     if isinstance(exc, SystemExit):
-        message = f"SystemExit: the program called sys.exit()/exit() (code {exc.code!r})"
+        message = f"SystemExit: the program called sys.exit()/exit() (code {_short(repr(exc.code), 100) if isinstance(exc.code, (int, str, type(None))) else '...'})"
     elif isinstance(exc, KeyboardInterrupt):
         message = "KeyboardInterrupt raised by the program"
     else:
-        detail = _short(str(exc))
-        message = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+        detail = _short(exc)
+        message = f"{_type_name(exc)}: {detail}" if detail else _type_name(exc)
     if isinstance(exc, MemoryError):
         message += f" (memory limit {memory_mb} MB)"
     lines = program.splitlines()
@@ -140,7 +150,7 @@ def describe_exception(exc: BaseException, program: str, phase: str, memory_mb: 
         message += f" (line {lineno}: {_short(lines[lineno - 1].strip(), 120)})"
     elif phase == "predict_proba":
         message += " (while calling model.predict_proba(x_test))"
-    return message
+    return clean_text(message, MAX_ERROR_CHARS)
 
 
 def run_program(req: dict, arrays: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
@@ -163,17 +173,24 @@ def run_program(req: dict, arrays: dict[str, np.ndarray]) -> tuple[dict, dict[st
             predict_proba = model.predict_proba
         except AttributeError as exc:  # sklearn raises this for e.g. SVC(probability=False)
             why = f": {_short(str(exc), 150)}" if str(exc) and "predict_proba" in str(exc) else ""
-            error = f"{entry} returned a {type(model).__name__} object, which has no predict_proba method{why}"
+            error = f"{entry} returned a {_short(type(model).__name__, 80)} object, which has no predict_proba method{why}"
             return {"ok": False, "kind": "no_model", "error": error}, {}
         phase = "predict_proba"
         proba = predict_proba(arrays["x_test"].copy())
         phase = "result"
+        # Shape first: an oversized result is refused here, before it is converted or sent.
+        expect = tuple(req["expect_shape"]) if req.get("expect_shape") else None
+        shape = tuple(np.shape(proba))
+        if expect is not None and shape != expect:
+            return {"ok": False, "kind": "bad_proba", "error": describe_shape_error(shape, expect)}, {}
         proba = np.asarray(proba, dtype=np.float64)
+        if not np.isfinite(proba).all():
+            return {"ok": False, "kind": "bad_proba", "error": "predict_proba returned NaN or infinite values"}, {}
         return {"ok": True}, {"proba": proba}
     except BaseException as exc:  # noqa: BLE001 - SystemExit/KeyboardInterrupt are program failures too
         kind = "syntax" if isinstance(exc, SyntaxError) and phase == "compile" else "exception"
         if phase == "result":
-            return {"ok": False, "kind": kind, "error": f"predict_proba did not return a numeric array: {_short(str(exc))}"}, {}
+            return {"ok": False, "kind": "bad_proba", "error": f"predict_proba did not return a numeric array: {_short(exc)}"}, {}
         return {"ok": False, "kind": kind, "error": describe_exception(exc, program, phase, int(req["memory_mb"]))}, {}
 
 
@@ -199,7 +216,7 @@ def _child_main(req: dict, arrays: dict, plan: dict, workdir: str, limits: dict,
     try:
         enter_sandbox(plan, workdir, limits, req.get("hide_paths") or [])
     except BaseException as exc:  # noqa: BLE001
-        header, out = {"ok": False, "kind": "setup", "error": f"sandbox setup failed, program not run: {type(exc).__name__}: {exc}"}, {}
+        header, out = {"ok": False, "kind": "setup", "error": f"sandbox setup failed, program not run: {type(exc).__name__}: {_short(exc)}"}, {}
     else:
         seed = int(req.get("seed", 0))
         random.seed(seed)
@@ -213,7 +230,7 @@ def _child_main(req: dict, arrays: dict, plan: dict, workdir: str, limits: dict,
     try:
         data = encode_message(header, out)
     except BaseException as exc:  # noqa: BLE001
-        data = encode_message({"ok": False, "kind": "exception", "error": f"could not send the result: {exc}"})
+        data = encode_message({"ok": False, "kind": "exception", "error": f"could not send the result: {_short(exc)}"})
     write_all(_RESULT_FD, data)
     _real_exit(0)
 
@@ -269,8 +286,12 @@ def sweep_descendants() -> int:
     return killed
 
 
-def _supervise(pid: int, r_res: int, r_out: int, deadline: float, max_output: int, watch_fd: int) -> dict:
-    """Wait for the child; collect its result and output; enforce wall clock and output cap."""
+def _supervise(pid: int, r_res: int, r_out: int, deadline: float, max_output: int, watch_fd: int, max_payload: int = MAX_RESULT_BYTES) -> dict:
+    """Wait for the child; collect its result and output; enforce wall clock and output cap.
+
+    The result's length prefix is checked as soon as it arrives: a header over
+    ``MAX_RESULT_HEADER_BYTES`` or a payload over ``max_payload`` (the size of the expected
+    probability array) stops the child before the rest is read."""
     try:
         pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):
@@ -279,10 +300,11 @@ def _supervise(pid: int, r_res: int, r_out: int, deadline: float, max_output: in
         os.set_blocking(fd, False)
     result, output, out_total = bytearray(), bytearray(), 0
     open_fds = {r_res, r_out}
-    stop, status = None, None
+    stop, status, why = None, None, ""
+    expected_total: int | None = None
 
     def drain(fd: int) -> None:
-        nonlocal out_total, stop
+        nonlocal out_total, stop, why, expected_total
         while True:
             try:
                 chunk = os.read(fd, 1 << 16)
@@ -293,7 +315,15 @@ def _supervise(pid: int, r_res: int, r_out: int, deadline: float, max_output: in
                 return
             if fd == r_res:
                 result.extend(chunk)
-                if len(result) > MAX_RESULT_BYTES:
+                if expected_total is None and len(result) >= PREFIX_BYTES:
+                    n_head, n_payload = unpack_prefix(result)
+                    if n_head > MAX_RESULT_HEADER_BYTES:
+                        why = f"its header announces {n_head} bytes (limit {MAX_RESULT_HEADER_BYTES})"
+                    elif n_payload > max_payload:
+                        why = f"it announces {n_payload} bytes of arrays; the expected probabilities take {max_payload}"
+                    expected_total = PREFIX_BYTES + n_head + n_payload
+                if why or (expected_total is not None and len(result) > expected_total) or len(result) > MAX_RESULT_BYTES:
+                    why = why or "more bytes than its length prefix announces"
                     stop = "protocol"
                     return
             else:
@@ -334,7 +364,7 @@ def _supervise(pid: int, r_res: int, r_out: int, deadline: float, max_output: in
     if pidfd is not None:
         os.close(pidfd)
     sweep_descendants()
-    return {"stop": stop, "status": status, "result": bytes(result), "output": bytes(output), "out_total": out_total}
+    return {"stop": stop, "status": status, "result": bytes(result), "output": bytes(output), "out_total": out_total, "why": why}
 
 
 def _exit_reason(status: int, memory_mb: int) -> tuple[str, str]:
@@ -352,9 +382,23 @@ def _exit_reason(status: int, memory_mb: int) -> tuple[str, str]:
 
 def run_request(req: dict, arrays: dict[str, np.ndarray], plan: dict, watch_fd: int) -> tuple[dict, dict[str, np.ndarray]]:
     """Execute one program in a fresh child and describe what happened."""
+    global _RUNS
     timeout = float(req["timeout_s"])
     memory_mb = int(req["memory_mb"])
     limits = limits_for(req)
+    expect = tuple(int(n) for n in req["expect_shape"]) if req.get("expect_shape") else None
+    leaves: dict[str, str] = {}
+    cgroup_mb = 0
+    if plan.get("cgroup"):
+        # The whole process tree: the program's own allocations plus the copy-on-write
+        # copies of the executor's pages it touches (at most the executor's resident set).
+        cgroup_mb = memory_mb + _RSS_MB
+        _RUNS += 1
+        try:
+            leaves = cgroup.create(plan["cgroup"], f"run-{_RUNS}", cgroup_mb << 20, nproc_limit(), req.get("max_cpus"))
+        except OSError as exc:
+            return {"ok": False, "kind": "setup", "error": f"sandbox setup failed, program not run: cgroup: {exc}", "elapsed_s": 0.0, "output": ""}, {}
+        limits["cgroup"] = leaves
     # The executor pid in the name lets the caller clean up if this process gets killed.
     workdir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-")
     os.chmod(workdir, 0o700)
@@ -373,7 +417,7 @@ def run_request(req: dict, arrays: dict[str, np.ndarray], plan: dict, watch_fd: 
         os.close(w_res)
         os.close(w_out)
         w_res = w_out = -1
-        got = _supervise(pid, r_res, r_out, start + timeout, int(req["max_output_bytes"]), watch_fd)
+        got = _supervise(pid, r_res, r_out, start + timeout, int(req["max_output_bytes"]), watch_fd, payload_limit(expect))
     finally:
         for fd in (r_res, w_res, r_out, w_out):
             if fd >= 0:
@@ -382,8 +426,12 @@ def run_request(req: dict, arrays: dict[str, np.ndarray], plan: dict, watch_fd: 
                 except OSError:
                     pass
         rmtree(workdir)
+        oom_kills = cgroup.oom_killed(leaves) if leaves else 0
+        if leaves:
+            cgroup.kill(leaves)
+            cgroup.remove(leaves)
     elapsed = time.monotonic() - start
-    output = got["output"].decode("utf-8", errors="replace")
+    output = clean_text(got["output"], OUTPUT_TAIL_BYTES)
     base = {"elapsed_s": elapsed, "output": output, "output_bytes": got["out_total"]}
     stop = got["stop"]
     if stop == "timeout":
@@ -394,18 +442,36 @@ def run_request(req: dict, arrays: dict[str, np.ndarray], plan: dict, watch_fd: 
     if stop == "shutdown":
         return {**base, "ok": False, "kind": "shutdown", "error": "the sandbox was shut down during the execution"}, {}
     if stop == "protocol":
-        return {**base, "ok": False, "kind": "protocol", "error": "the result was too large"}, {}
+        return {**base, "ok": False, "kind": "protocol", "error": f"invalid result refused before it was read: {got['why']}"}, {}
     if got["result"]:
         try:
             header, out = decode_message(got["result"])
-        except ValueError:
-            return {**base, "ok": False, "kind": "protocol", "error": "the program corrupted the sandbox's result channel"}, {}
-        header = {k: header[k] for k in ("ok", "kind", "error") if k in header}
-        if header.get("ok") and "proba" not in out:
-            return {**base, "ok": False, "kind": "protocol", "error": "the result has no probabilities"}, {}
-        return {**base, "ok": bool(header.get("ok")), "kind": str(header.get("kind", "ok")), "error": header.get("error")}, out
+            header, proba = check_result(header, out, expect)
+        except (ValueError, RecursionError) as exc:
+            reason = clean_text(str(exc) if not isinstance(exc, RecursionError) else "nested too deeply", 300)
+            return {**base, "ok": False, "kind": "protocol", "error": f"invalid result from the sandboxed program: {reason}"}, {}
+        if proba is None and oom_kills and header["kind"] == "exception":
+            header["error"] += f" (a process of the program was killed at the {cgroup_mb} MB memory limit of its process tree)"
+        return {**base, **header}, ({"proba": proba} if proba is not None else {})
+    if oom_kills:
+        return {**base, "ok": False, "kind": "memory", "error": (
+            f"killed: the program's processes together exceeded the memory limit of its process tree "
+            f"({cgroup_mb} MB: memory_mb={memory_mb} plus the executor's {_RSS_MB} MB it may copy on write)"
+        )}, {}  # fmt: skip
     kind, reason = _exit_reason(got["status"], memory_mb)
     return {**base, "ok": False, "kind": kind, "error": reason}, {}
+
+
+_RUNS = 0
+_RSS_MB = 0
+
+
+def _rss_mb() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -420,7 +486,9 @@ def main(argv: list[str]) -> int:
         prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphaned grandchildren re-parent to us, so we can kill them
     except OSError:
         pass
-    plan, applied, missing = probe_isolation(bool(config["isolate"]), config.get("uid", "per-execution"))
+    global _RSS_MB
+    _RSS_MB = _rss_mb()
+    plan, applied, missing = probe_isolation(bool(config["isolate"]), config.get("uid", "per-execution"), bool(config.get("cgroups", True)))
     hello = {
         "pid": os.getpid(),
         "isolation": applied,
@@ -429,6 +497,9 @@ def main(argv: list[str]) -> int:
         "preload_failed": failed,
         "startup_s": time.monotonic() - started,
         "baseline_vm_mb": vm_size_bytes() / (1 << 20),
+        "baseline_rss_mb": _RSS_MB,
+        # For the caller: what to remove if this process gets killed.
+        "cgroup_dirs": sorted(plan.get("cgroup", {}).get("dirs", {}).values()),
     }
     write_all(proto_out, encode_message(hello))
     while True:
@@ -447,7 +518,7 @@ def main(argv: list[str]) -> int:
             else:
                 header, out = {"ok": False, "kind": "protocol", "error": f"unknown op {op!r}"}, {}
         except Exception as exc:  # a bug here must not take the executor down
-            header, out = {"ok": False, "kind": "internal", "error": f"sandbox internal error: {type(exc).__name__}: {exc}"}, {}
+            header, out = {"ok": False, "kind": "internal", "error": f"sandbox internal error: {type(exc).__name__}: {clean_text(exc, 500)}"}, {}
         try:
             write_all(proto_out, encode_message(header, out))
         except (BrokenPipeError, OSError):
@@ -455,6 +526,7 @@ def main(argv: list[str]) -> int:
         if header.get("kind") == "shutdown":
             break
     sweep_descendants()
+    cleanup(plan)
     return 0
 
 

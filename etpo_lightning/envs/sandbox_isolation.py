@@ -5,34 +5,49 @@ throwaway child, what this machine allows; :func:`enter_sandbox` then applies *a
 in every forked child before the program runs (a failure aborts the execution: fail closed).
 
 The measures: own session/process group, rlimits (address space, CPU, file size, open
-files, core dumps; processes for the sandbox uid), a private working directory, a network
-namespace, a mount namespace (the working directory becomes a size-limited tmpfs and every
+files, core dumps; processes for the sandbox uid), a cgroup per execution (memory, pids
+and CPU of the whole process tree; ``sandbox_cgroup.py``), a private working directory, a
+network namespace, an IPC namespace (SysV IPC and POSIX message queues die with it), a
+mount namespace (the working directory becomes a size-limited tmpfs and every
 world-writable directory a view of it; ``hide_paths`` are masked), a fresh unprivileged uid,
-``PR_SET_NO_NEW_PRIVS`` and a parent-death signal. Without root: a user+network namespace
-if unprivileged user namespaces are allowed, and the rlimits.
+``PR_SET_NO_NEW_PRIVS``, a parent-death signal and, last, a seccomp filter
+(``sandbox_seccomp.py``: no keyring, ptrace, mounts, namespaces, eBPF, ...). Without root: a
+user+network(+IPC) namespace if unprivileged user namespaces are allowed, the rlimits and
+the seccomp filter.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
+import platform
 import resource
 import shutil
 import signal
 import stat
 import tempfile
 
+if __package__:
+    from . import sandbox_cgroup as cgroup
+    from . import sandbox_seccomp as seccomp
+else:  # imported by sandbox_executor.py run as a script
+    import sandbox_cgroup as cgroup  # type: ignore[no-redef]
+    import sandbox_seccomp as seccomp  # type: ignore[no-redef]
+
 # ---------------------------------------------------------------------------------------
 # Linux primitives that Python 3.11's os module lacks.
 # ---------------------------------------------------------------------------------------
 
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_SECCOMP = 22
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -114,6 +129,8 @@ def enter_sandbox(plan: dict, workdir: str, limits: dict, hide_paths: list[str] 
     Any failure raises, and the caller reports it instead of running the program: a step
     that worked in the start-up probe must work for every execution (fail closed).
     """
+    if limits.get("cgroup"):
+        cgroup.join(limits["cgroup"])  # first: everything the program starts is inside
     os.setsid()  # own process group: the executor kills the whole group at the end
     for rlimit, value in (
         (resource.RLIMIT_CORE, 0),
@@ -136,6 +153,11 @@ def enter_sandbox(plan: dict, workdir: str, limits: dict, hide_paths: list[str] 
         unshare(CLONE_NEWNET)  # only a loopback interface, which is down: no network
     elif plan.get("userns_netns"):
         unshare(CLONE_NEWUSER | CLONE_NEWNET)
+    if plan.get("ipcns"):
+        # SysV shared memory, semaphores, message queues and POSIX message queues created
+        # by the program live in this namespace and are freed with its last process:
+        # nothing survives for the next program (e.g. the next cross-validation split).
+        unshare(CLONE_NEWIPC)
     if plan.get("mountns"):
         unshare(CLONE_NEWNS)
         mount(None, "/", None, MS_REC | MS_PRIVATE)  # our mounts must not leak to the host
@@ -178,17 +200,27 @@ def enter_sandbox(plan: dict, workdir: str, limits: dict, hide_paths: list[str] 
     cwd = os.getcwd()
     os.environ.update(HOME=cwd, TMPDIR=cwd, USER="sandbox", LOGNAME="sandbox")
     tempfile.tempdir = cwd
+    if plan.get("seccomp"):
+        seccomp.install_filter()  # last: the set-up above needed mount/unshare
 
 
 def _probe(plan: dict, workdir: str) -> str | None:
     """Try ``plan`` in a throwaway child; ``None`` if it works, else the error."""
+    leaves: dict[str, str] = {}
+    if plan.get("cgroup"):
+        try:
+            leaves = cgroup.create(plan["cgroup"], "probe", 512 << 20, nproc_limit(), 1.0)
+        except OSError as exc:
+            return f"cannot create a cgroup: {exc}"
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
         try:
-            limits = {"memory_bytes": vm_size_bytes() + (256 << 20), "cpu_s": 10, "file_bytes": 1 << 20}
+            limits = {"memory_bytes": vm_size_bytes() + (256 << 20), "cpu_s": 10, "file_bytes": 1 << 20, "cgroup": leaves}
             enter_sandbox(plan, workdir, limits)
+            if plan.get("seccomp") and _denied("keyctl") != errno.EPERM:
+                raise RuntimeError("the seccomp filter was installed but does not deny keyctl")
             os.write(w, b"ok")
         except BaseException as exc:  # noqa: BLE001 - report anything
             os.write(w, f"{type(exc).__name__}: {exc}".encode()[:500])
@@ -199,52 +231,97 @@ def _probe(plan: dict, workdir: str) -> str | None:
         data += chunk
     os.close(r)
     os.waitpid(pid, 0)
+    cgroup.remove(leaves)
     return None if data == b"ok" else (data.decode(errors="replace") or "probe child died")
 
 
-def probe_isolation(isolate: bool, uid: object) -> tuple[dict, list[str], list[str]]:
-    """Decide what the children can do here. Returns ``(plan, applied, missing)``."""
+def _denied(name: str) -> int:
+    """errno of calling syscall ``name`` with zero arguments (0 if it succeeded)."""
+    number = seccomp.ARCHES[platform.machine()][1][name]
+    _libc.syscall.restype = ctypes.c_long
+    result = _libc.syscall(ctypes.c_long(number), ctypes.c_long(0), ctypes.c_long(0), ctypes.c_long(0))
+    return ctypes.get_errno() if result == -1 else 0
+
+
+def probe_isolation(isolate: bool, uid: object, cgroups: bool = True) -> tuple[dict, list[str], list[str]]:
+    """Decide what the children can do here. Returns ``(plan, applied, missing)``.
+
+    ``plan["cgroup"]``, when present, is the executor's cgroup root (see
+    :mod:`sandbox_cgroup`); :func:`cleanup` removes it."""
     plan: dict = {"writable_dirs": _world_writable_dirs()}
     applied = ["session+process-group kill", "rlimits(as,cpu,fsize,nofile,core)", "private-workdir", "no_new_privs"]
     missing: list[str] = []
     if not isolate:
-        return plan, applied, ["isolate=False: no namespaces and no privilege drop"]
+        return plan, applied, ["isolate=False: no namespaces, cgroup, seccomp or privilege drop"]
     root = os.geteuid() == 0
     candidates: list[tuple[str, dict]] = []
+    if cgroups:
+        spec, note = cgroup.probe_cgroups()
+        if spec is None:
+            missing.append(f"cgroup: {note} (the per-process rlimits still apply, but not to the process tree as a whole)")
+        else:
+            candidates.append(("cgroup", {"cgroup": spec}))
+    else:
+        missing.append("cgroup: disabled (cgroups=False)")
     if root:
-        candidates = [
+        candidates += [
             ("netns", {"netns": True}),
+            ("ipcns", {"ipcns": True}),
             ("mountns", {"mountns": True}),
             ("uid", {"uid": uid}),
         ]
     else:
-        candidates = [("userns_netns", {"userns_netns": True})]
+        candidates += [("userns_netns", {"userns_netns": True})]
         missing.append("uid drop and private mounts: the executor does not run as root")
+    why_not = seccomp.seccomp_supported()
+    if why_not is None:
+        candidates.append(("seccomp", {"seccomp": True}))
+    else:
+        missing.append(f"seccomp: {why_not}")
     workdir = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-probe-")
     try:
         for name, step in candidates:
             error = _probe({**plan, **step}, workdir)
             if error is None:
                 plan.update(step)
+                if name == "userns_netns":  # inside our own user namespace an IPC namespace is allowed too
+                    if _probe({**plan, "ipcns": True}, workdir) is None:
+                        plan["ipcns"] = True
+                    else:
+                        missing.append("ipcns: unshare(CLONE_NEWIPC) failed in the user namespace")
             else:
                 missing.append(f"{name}: {error}")
+                if name == "cgroup":
+                    cgroup.teardown(step["cgroup"])
         error = _probe(plan, workdir)
         if error is not None:  # the steps work alone but not together: keep the safest subset
             missing.append(f"combined plan failed ({error}); using the uid drop only")
+            cgroup.teardown(plan.get("cgroup"))
             plan = {"writable_dirs": plan["writable_dirs"], **({"uid": plan["uid"]} if "uid" in plan else {})}
             if _probe(plan, workdir) is not None:
                 missing.append("the uid drop alone failed too; no isolation beyond rlimits")
                 plan = {"writable_dirs": plan["writable_dirs"]}
     finally:
         rmtree(workdir)
+    if plan.get("cgroup"):
+        applied.append(f"cgroup v{plan['cgroup']['version']} per execution (memory, pids" + (", cpu" if plan["cgroup"]["cpu"] else "") + " of the whole process tree)")
     if plan.get("netns") or plan.get("userns_netns"):
         applied.append("network namespace (no network)")
+    if plan.get("ipcns"):
+        applied.append("ipc namespace (SysV IPC and POSIX message queues die with the program)")
     if plan.get("mountns"):
         applied.append("mount namespace (workdir is a size-limited tmpfs; world-writable dirs -> workdir: " + ",".join(plan["writable_dirs"]) + ")")
     if "uid" in plan:
         applied.append("uid " + ("per-execution (unprivileged)" if plan["uid"] == "per-execution" else str(plan["uid"])))
         applied.append("rlimit nproc")
+    if plan.get("seccomp"):
+        applied.append("seccomp filter (no keyring, ptrace, mount, namespaces, bpf, perf, kexec, modules, io_uring)")
     return plan, applied, missing
+
+
+def cleanup(plan: dict) -> None:
+    """Undo what :func:`probe_isolation` created outside the children (the cgroup root)."""
+    cgroup.teardown(plan.get("cgroup"))
 
 
 def rmtree(path: str) -> None:
