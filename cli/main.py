@@ -6,7 +6,8 @@
 
 Beyond LightningCLI:
 
-* Outputs follow ``trainer.default_root_dir``: a logger without ``save_dir`` writes under it,
+* Outputs follow ``trainer.default_root_dir``: a logger without ``save_dir`` (the loggers of
+  :mod:`etpo_lightning.loggers`, whose ``save_dir`` is optional) writes under it,
   and a ``ModelCheckpoint`` without ``dirpath`` writes to ``<default_root_dir>/checkpoints``
   (``HFExport`` then puts ``hf-best``/``hf-last`` there). The shipped configs pin neither,
   so ``--trainer.default_root_dir DIR`` moves every file of a run.
