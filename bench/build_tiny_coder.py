@@ -101,6 +101,9 @@ def main() -> None:
         "n_params": info["n_params"],
         "steps": info["steps"],
         "final_loss": round(info["final_loss"], 4),
+        # Compare this before comparing numbers from two builds (docs/tiny_coder.md).
+        "weights_sha256": info.get("weights_sha256"),
+        "reproducible_with": info.get("reproducible_with"),
         "heldout_body_perplexity": round(info["heldout_body_perplexity"], 4),
         "heldout_body_perplexity_unbaked": round(info["heldout_body_perplexity_unbaked"], 4),
         "samples": len(bodies),

@@ -60,6 +60,17 @@ def evaluate_model(path: str, samples: int, seed: int, dataset: str) -> dict:
             "auc_best": result.auc_best, "auc_mean": result.auc_mean, "errors": result.errors}
 
 
+def model_checksum(name_or_path: str) -> str | None:
+    """``weights_sha256`` of a local checkpoint (the alias resolved): which base model the numbers are for."""
+    from etpo_lightning.models import resolve_model_path
+    from etpo_lightning.tiny_coder import weights_checksum
+
+    try:
+        return weights_checksum(resolve_model_path(name_or_path))
+    except OSError:
+        return None
+
+
 def last(df: pd.DataFrame, key: str) -> float:
     return float(df[key].dropna().iloc[-1]) if key in df and df[key].notna().any() else float("nan")
 
@@ -127,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{mean_std([r['kl_end'] for r in rows])} | {mean_std([r['perplexity_end'] for r in rows])} |",
     ]
     result = {"config": args.config, "max_steps": max_steps, "samples": args.samples, "dataset": args.dataset,
-              "base": base, "runs": rows, "table": "\n".join(table)}
+              "base_model": base_model, "base_model_sha256": model_checksum(base_model), "base": base, "runs": rows, "table": "\n".join(table)}
     results_dir = HERE / "results"
     results_dir.mkdir(exist_ok=True)
     stem = results_stem(args.label)

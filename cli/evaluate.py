@@ -2,10 +2,12 @@
 
     etpo evaluate --model tiny-sklearn-coder --dataset quickstart --samples 32
     etpo evaluate --model runs/quickstart/checkpoints/hf-best --dataset quickstart breast_cancer
-    etpo evaluate --model <path> --csv ../shared/datasets/pharyngitis.csv --target radt --drop number
+    etpo evaluate --model <path> --csv data/pharyngitis.csv --target radt --drop number
 
 Prints, per dataset: mean reward of the samples (failures count -1), success rate, mean
-and best AUC of the successful programs, and the best program.
+and best AUC of the successful programs, and the best program. A bad option (an unknown
+dataset, a CSV that does not read, a missing target column, a model path that does not
+load) is one line on stderr and exit status 2, as for ``etpo fit``.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from etpo_lightning.cli.errors import SettingError, first_line
 from etpo_lightning.envs import CSVDataset, DataScienceCodingEnv, SklearnDataset, SyntheticDataset, VectorEnv
 from etpo_lightning.envs.datasets import TabularDataset
-from etpo_lightning.models import load_causal_lm, load_tokenizer
+from etpo_lightning.models import ModelNotFoundError, load_causal_lm, load_tokenizer
 
 SKLEARN_NAMES = ("breast_cancer", "wine", "iris", "digits")
 
@@ -118,8 +121,23 @@ def format_table(results: list[EvalResult]) -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`SettingError` (one line) instead of printing its usage."""
+
+    def error(self, message: str):
+        raise SettingError(message)
+
+
+def _dataset_from(option: str, build):
+    """``build()``, its error turned into one line that names ``option``."""
+    try:
+        return build()
+    except (ValueError, OSError) as err:
+        raise SettingError(f"{option}: {first_line(str(err))}") from err
+
+
 def main(argv: list[str] | None = None) -> list[EvalResult]:
-    parser = argparse.ArgumentParser(prog="etpo evaluate", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="etpo evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-sklearn-coder", help="checkpoint directory, hub id or alias")
     parser.add_argument("--dataset", nargs="*", default=["quickstart"],
                         help=f"'quickstart' or sklearn datasets: {', '.join(SKLEARN_NAMES)}")
@@ -134,13 +152,22 @@ def main(argv: list[str] | None = None) -> list[EvalResult]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    datasets = [(name, make_dataset(name)) for name in args.dataset]
+    datasets = [(name, _dataset_from(f"--dataset {name}", functools.partial(make_dataset, name))) for name in args.dataset]
     if args.csv:
         if not args.target:
             parser.error("--csv needs --target")
-        datasets.append((Path(args.csv).stem, CSVDataset(args.csv, target=args.target, drop=args.drop)))
-    results = evaluate(args.model, datasets, args.samples, args.max_new_tokens, args.temperature, args.workers,
-                       args.timeout, args.seed)
+        try:
+            csv = CSVDataset(args.csv, target=args.target, drop=args.drop)
+        except (ValueError, OSError) as err:
+            message = first_line(str(err))
+            option = "--target" if message.startswith("target column") else "--drop" if message.startswith("drop column") else "--csv"
+            raise SettingError(f"{option}: {message}") from err
+        datasets.append((Path(args.csv).stem, csv))
+    try:
+        results = evaluate(args.model, datasets, args.samples, args.max_new_tokens, args.temperature, args.workers,
+                           args.timeout, args.seed)
+    except ModelNotFoundError as err:
+        raise SettingError(first_line(str(err)).replace("model_name_or_path=", "--model ", 1)) from err
     print(format_table(results))
     for r in results:
         print(f"\nbest program on {r.dataset} (AUC {r.auc_best:.4f}):\n{r.best_program}")

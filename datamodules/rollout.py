@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import logging
 import random
 import warnings
 from collections import deque
@@ -21,6 +22,11 @@ from transformers import PreTrainedTokenizerBase
 from etpo_lightning.batch import Transition, TransitionBatch
 from etpo_lightning.envs import TextEnv, VectorEnv
 from etpo_lightning.models import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+#: ``info["failure_kind"]`` of a step whose sandbox executor died or hung and was restarted.
+EXECUTOR_RESTART_KINDS = ("executor_crash", "executor_timeout")
 
 
 class BatchTicket(int):
@@ -83,6 +89,11 @@ class RolloutDataModule(pl.LightningDataModule):
     released or not. Episodes still running at a checkpoint are not saved (on resume the
     environments restart their episodes, as they always do). G = 1 (default) releases
     every transition at once, without group fields.
+
+    Faults are survived and shown: an environment worker process that dies or hangs is
+    replaced by ``VectorEnv``, and a sandbox executor that dies or hangs is restarted by the
+    sandbox; each is one warning line in the log and counts in ``rollout/env_restarts``
+    (restarts since the start of the run, on this rank).
 
     Args:
         env: The environment; each of the ``num_envs`` environments is a deep copy of it.
@@ -156,6 +167,7 @@ class RolloutDataModule(pl.LightningDataModule):
         self.collections = 0
         self.env_steps = 0
         self.episodes_finished = 0
+        self.env_restarts = 0  # env workers replaced + sandbox executors restarted
         self._observations: list[str] | None = None
         self._episode_lengths = [0] * num_envs
         self._refresh_requested = True
@@ -296,6 +308,7 @@ class RolloutDataModule(pl.LightningDataModule):
     def collect(self, module: pl.LightningModule) -> list[Transition]:
         """Run every environment ``rollout_steps`` steps with the current policy."""
         venv, hp = self.vector_env, self.hparams
+        workers_restarted_before = venv.workers_restarted
         if self._observations is None:
             self._observations = venv.reset()
         sampled: list[Transition] = []  # every action of this collection
@@ -340,9 +353,14 @@ class RolloutDataModule(pl.LightningDataModule):
                     self.best_reward, self.best_action = float(step_rewards[i]), texts[i]
                 successes.append(bool(infos[i].get("success", False)))
                 errors.append(infos[i].get("error") is not None)
+                if infos[i].get("failure_kind") in EXECUTOR_RESTART_KINDS:
+                    self.env_restarts += 1
+                    log.warning("env %d: %s; its program scored -1.0 (env restart %d of this run)",
+                                i, infos[i].get("error"), self.env_restarts + venv.workers_restarted - workers_restarted_before)
             truncations += sum(truncated)
             rewards.extend(float(r) for r in step_rewards)
             self._observations = next_obs
+        self.env_restarts += venv.workers_restarted - workers_restarted_before  # each logged by VectorEnv
         if transitions or group_size == 1:
             self.replay.append(transitions)
         self.collections += 1
@@ -358,6 +376,7 @@ class RolloutDataModule(pl.LightningDataModule):
             "rollout/action_tokens": sum(t.action_ids.numel() for t in sampled) / len(sampled),
             "rollout/best_reward": self.best_reward,
             "rollout/env_steps": float(self.env_steps),
+            "rollout/env_restarts": float(self.env_restarts),
         }
         if group_size > 1:
             self.latest_stats["rollout/groups_completed"] = float(self.groups_completed)
@@ -412,6 +431,7 @@ class RolloutDataModule(pl.LightningDataModule):
             "collections": self.collections,
             "env_steps": self.env_steps,
             "episodes_finished": self.episodes_finished,
+            "env_restarts": self.env_restarts,
             "latest_stats": self.latest_stats,
             "sample_rng": self._sample_rng.getstate(),
             "refresh_requested": self._refresh_requested,
@@ -424,6 +444,7 @@ class RolloutDataModule(pl.LightningDataModule):
         self.best_action, self.best_reward = state["best_action"], state["best_reward"]
         self.collections, self.env_steps = state["collections"], state["env_steps"]
         self.episodes_finished, self.latest_stats = state["episodes_finished"], state["latest_stats"]
+        self.env_restarts = state.get("env_restarts", 0)
         self._sample_rng.setstate(state["sample_rng"])
         self._refresh_requested = state["refresh_requested"]
         self.groups_completed = state.get("groups_completed", 0)

@@ -1,4 +1,8 @@
-"""ETPO's mathematics as pure tensor functions: one equation of ``shared/spec/etpo-math.md`` each.
+"""ETPO's mathematics as pure tensor functions: one equation of ``docs/algorithm.md`` each.
+
+``docs/algorithm.md`` (in this repository) derives them, states the consistency result that
+``tests/test_consistency.py`` checks, explains ETPO(lambda) and lists where this differs from
+the authors' public code.
 
 Read top to bottom, this file is the whole algorithm:
 
@@ -143,7 +147,8 @@ def soft_lambda_targets(
     where ``q_taken`` [B, L] is Qbar_j = Q_target(h_j, w^j) of the taken token, ``values``
     [B, L] is V(h_j) (``soft_values``) and ``log_ratio`` [B, L] is log pi(w^j|h_j) -
     log mu(w^j|h_j) against the behaviour policy that sampled w^j. The fixed point is the
-    spec's for every lam in [0, 1]; ``lam = 0`` returns ``soft_bellman_targets`` exactly.
+    one of docs/algorithm.md (section 5) for every lam in [0, 1]; ``lam = 0`` returns
+    ``soft_bellman_targets`` exactly.
     Padding gets 0; the result is detached.
     """
     if not 0.0 <= lam <= 1.0:

@@ -25,6 +25,15 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+class ModelNotFoundError(OSError):
+    """``model_name_or_path`` names nothing that loads: a bad setting, not a crash (the
+    ``etpo`` command prints it as one line). ``str()`` starts with the setting and its value."""
+
+    def __init__(self, message: str, name_or_path: str) -> None:
+        super().__init__(message)
+        self.name_or_path = name_or_path
+
+
 def _friendly_oserror(name_or_path: str, err: OSError) -> OSError:
     hint = (
         f"model_name_or_path={name_or_path!r}: could not load it: is neither a local directory with a saved model "
@@ -33,7 +42,7 @@ def _friendly_oserror(name_or_path: str, err: OSError) -> OSError:
     )
     if os.path.sep in name_or_path or name_or_path.startswith("."):
         hint = f"model_name_or_path={name_or_path!r}: no saved model at that path ({Path(name_or_path).resolve()})"
-    return OSError(f"{hint}\n(underlying error: {err})")
+    return ModelNotFoundError(f"{hint}\n(underlying error: {err})", name_or_path)
 
 
 def load_causal_lm(name_or_path: str, torch_dtype: torch.dtype | str | None = None) -> PreTrainedModel:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib
+import logging
 import random
+import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -104,6 +106,30 @@ def sharded_clip_grad_norm_(params: list[nn.Parameter], max_norm: float, replica
     for g in grads:
         g.mul_(coef.to(g.dtype))
     return total
+
+
+class _StepsInBatches(logging.Filter):
+    """Rewrites Lightning's "`max_steps=2N` reached" (optimizer steps) into the batches the
+    user asked for, while a TokenRLModule is fitting (``steps_per_batch`` > 1)."""
+
+    _pattern = re.compile(r"`max_steps=(\d+)` reached")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps_per_batch = 1
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.steps_per_batch > 1 and isinstance(record.msg, str):
+            match = self._pattern.search(record.msg)
+            if match:
+                batches = int(match.group(1)) // self.steps_per_batch
+                record.msg = record.msg.replace(match.group(0), f"`max_steps={batches}` reached ({batches} training batches)")
+        return True
+
+
+_STEPS_IN_BATCHES = _StepsInBatches()
+for _name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(_STEPS_IN_BATCHES)
 
 
 class TokenRLModule(pl.LightningModule):
@@ -384,6 +410,11 @@ class TokenRLModule(pl.LightningModule):
         if loop.max_steps > 0 and not getattr(loop, "_etpo_steps_scaled", False):
             loop.max_steps *= self.optimizer_steps_per_batch
             loop._etpo_steps_scaled = True
+        # ... and Lightning's "`max_steps=2N` reached" at the end says N, in batches.
+        _STEPS_IN_BATCHES.steps_per_batch = self.optimizer_steps_per_batch
+
+    def on_fit_end(self) -> None:
+        _STEPS_IN_BATCHES.steps_per_batch = 1
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

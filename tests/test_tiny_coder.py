@@ -29,6 +29,7 @@ from etpo_lightning.tiny_coder import (
     train_tokenizer,
 )
 from etpo_lightning.tiny_coder import build as build_module
+from etpo_lightning.tiny_coder import weights_checksum
 from etpo_lightning.tiny_coder.__main__ import main as cli_main
 from etpo_lightning.tiny_coder.pretrain import body_perplexity, pretrain, short_prompt
 
@@ -186,6 +187,11 @@ def test_build_info_and_heldout(tiny_build):
     assert info["final_loss"] < info["initial_loss"]
     assert 1.0 < info["heldout_body_perplexity"] < 320 and info["heldout_body_perplexity"] == result.heldout_perplexity
     assert info["n_train_samples"] + info["n_heldout_samples"] == 160 and info["n_heldout_samples"] == 8
+    # The weights' checksum and what the bits depend on (docs/tiny_coder.md).
+    assert info["weights_sha256"] == weights_checksum(out) and len(info["weights_sha256"]) == 64
+    env = info["reproducible_with"]
+    assert env["torch_threads"] == 1 and env["torch_version"] == torch.__version__
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     held = load_samples(out / "heldout.jsonl")
     assert held == result.heldout == heldout_samples(seed=0, n_samples=160, heldout_fraction=0.05)
     assert not {s.text for s in held} & {s.text for s in result.train}
@@ -199,6 +205,24 @@ def test_same_seed_gives_identical_weights_and_other_seed_does_not(tiny_build, t
     assert (tmp_path / "again" / "tokenizer.json").read_text() == (out / "tokenizer.json").read_text()
     other = build_tiny_coder(tmp_path / "other", seed=1, config=TinyCoderConfig(**TINY), progress=False)
     assert not torch.equal(a["model.embed_tokens.weight"][:300], other.model.state_dict()["model.embed_tokens.weight"][:300])
+    # Same weights, same checksum (a rebuild elsewhere can be checked against build_info.json).
+    checksum = json.loads((out / "build_info.json").read_text())["weights_sha256"]
+    assert json.loads((tmp_path / "again" / "build_info.json").read_text())["weights_sha256"] == checksum
+    assert json.loads((tmp_path / "other" / "build_info.json").read_text())["weights_sha256"] != checksum
+
+
+def test_weights_checksum_sees_one_changed_weight(tiny_build, tmp_path):
+    out, _ = tiny_build
+    model = AutoModelForCausalLM.from_pretrained(out)
+    model.save_pretrained(tmp_path / "same")
+    assert weights_checksum(tmp_path / "same") == weights_checksum(out)
+    with torch.no_grad():
+        weight = model.model.layers[0].mlp.up_proj.weight
+        weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(float("inf")))  # one ulp
+    model.save_pretrained(tmp_path / "changed")
+    assert weights_checksum(tmp_path / "changed") != weights_checksum(out)
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors weights"):
+        weights_checksum(tmp_path)
 
 
 def test_baked_temperature_only_scales_the_logits():

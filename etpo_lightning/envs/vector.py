@@ -27,11 +27,14 @@ different workers overlap. A worker that dies, or does not answer within
 ``step_timeout_s``, is killed and replaced; its environments are re-created and reset,
 and their step reports ``-1.0`` with ``"worker crashed ..."`` or ``"worker timed out ..."``
 (environments sharing that worker are affected too). ``step_timeout_s`` cannot be
-enforced in-process (``num_workers=0``).
+enforced in-process (``num_workers=0``). Every replacement is logged as one warning line
+on the ``etpo_lightning.envs.vector`` logger (which worker, why, what was done) and counted in
+``workers_restarted``.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import pickle
@@ -45,6 +48,8 @@ import numpy as np
 from .base import TextEnv
 
 EnvFn = Callable[[], TextEnv]
+
+log = logging.getLogger(__name__)
 
 
 def _describe(exc: BaseException) -> str:
@@ -265,7 +270,7 @@ class VectorEnv:
                 self._send(w, ("reset", [(i, seeds[i]) for i in w.env_ids]))
             replies, failures = self._gather(list(self._workers), self.reset_timeout_s)
             for w, reason in failures.items():
-                replies[w] = {i: ("ok", o) for i, o in self._replace(w, reason).items()}
+                replies[w] = {i: ("ok", o) for i, o in self._replace(w, reason, in_step=False).items()}
             for reply in replies.values():
                 for i, (status, value) in reply.items():
                     if status != "ok":
@@ -410,11 +415,15 @@ class VectorEnv:
                     del pending[w.conn]
         return replies, failures
 
-    def _replace(self, worker: _Worker, reason: str) -> dict[int, str]:
+    def _replace(self, worker: _Worker, reason: str, in_step: bool = True) -> dict[int, str]:
         """Kill ``worker``, start a new one for its environments, reset them; return first obs."""
+        old_pid = worker.process.pid
         worker.kill()
         self.workers_restarted += 1
         new = _Worker(self._ctx, worker.env_ids, self.env_fns)
+        outcome = "their step scores -1.0 and their episodes restart" if in_step else "they are reset again"
+        log.warning("env worker %d (pid %s) replaced by pid %s: %s; %s (worker restart %d of this VectorEnv)",
+                    self._workers.index(worker), old_pid, new.process.pid, reason, outcome, self.workers_restarted)
         self._workers[self._workers.index(worker)] = new
         self._send(new, ("reset", [(i, self._seed_for(i)) for i in new.env_ids]))
         replies, failures = self._gather([new], self.reset_timeout_s)

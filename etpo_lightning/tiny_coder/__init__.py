@@ -13,6 +13,7 @@ from etpo_lightning.tiny_coder.build import (
     ensure_tiny_coder,
     load_tiny_coder,
     make_config,
+    weights_checksum,
 )
 from etpo_lightning.tiny_coder.corpus import (
     Sample,
@@ -48,4 +49,5 @@ __all__ = [
     "sample_bodies",
     "split_samples",
     "train_tokenizer",
+    "weights_checksum",
 ]

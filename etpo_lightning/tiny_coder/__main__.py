@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import fields
 
-from etpo_lightning.tiny_coder.build import BUILD_INFO, ensure_tiny_coder
+from etpo_lightning.tiny_coder.build import BUILD_INFO, ensure_tiny_coder, weights_checksum
 from etpo_lightning.tiny_coder.pretrain import TinyCoderConfig
 
 
@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     info = json.loads((path / BUILD_INFO).read_text())
     print(path)
     summary = {k: info[k] for k in ("seed", "steps", "n_params", "final_loss", "heldout_body_perplexity", "build_seconds")}
+    # Builds made before the checksum was recorded: computed from the saved weights.
+    summary["weights_sha256"] = info.get("weights_sha256") or weights_checksum(path)
+    summary["reproducible_with"] = info.get("reproducible_with", "not recorded (an older build)")
     print(json.dumps(summary))
 
 

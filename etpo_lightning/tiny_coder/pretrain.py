@@ -79,6 +79,7 @@ class PretrainResult:
     heldout_perplexity: float = float("nan")
     heldout_perplexity_unbaked: float = float("nan")
     seconds: dict[str, float] = field(default_factory=dict)
+    torch_threads: int = 0  # intra-op threads the build ran with (the weights depend on it)
 
 
 def make_model(config: TinyCoderConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaForCausalLM:
@@ -290,7 +291,9 @@ def pretrain(
     ``num_threads`` sets torch's intra-op threads for the build only (default: unchanged).
     """
     with torch_threads(num_threads):
-        return _pretrain(config, seed, progress)
+        result = _pretrain(config, seed, progress)
+        result.torch_threads = torch.get_num_threads()
+        return result
 
 
 def _pretrain(config: TinyCoderConfig, seed: int, progress: bool) -> PretrainResult:
