@@ -19,8 +19,9 @@ ETPOModule gets the same data and shared hyperparameters, its critic those of
 configs/quickstart.yaml.
 
 Each method runs in its own child process (so that peak RSS is its own) and reports:
-  * wall time of training (``trainer.fit`` / ``GRPOTrainer.train``; model loading and
-    trainer construction excluded) per 100 sampled programs;
+  * wall time of training (``trainer.fit`` / ``GRPOTrainer.train``; model loading,
+    trainer construction and the start of the environment workers excluded) per 100
+    sampled programs;
   * peak RSS of the training process (ru_maxrss; the sandboxed program runs and env
     workers are separate processes, the same for every method, and not included);
   * mean reward of every collection of G programs against programs sampled.
@@ -92,6 +93,9 @@ def run_ours(method: str, args: argparse.Namespace) -> dict:
     trainer = pl.Trainer(max_steps=args.programs // g, accelerator="cpu", precision="32-true", logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[RolloutRefresh(every_n_steps=1)])
+    # Environment workers and sandboxes start here, outside the timed region, as TRL's
+    # VectorEnv does before ``train()`` (``setup`` is idempotent: fit reuses them).
+    dm.setup("fit")
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - start
