@@ -7,8 +7,10 @@ mode and prints a table; the numbers go to ``bench/results/sandbox.json``.
   program -- what a naive subprocess-per-program sandbox costs (no isolation at all).
 * ``warm fork (isolate=False)``: :class:`Sandbox` with rlimits, process group and a private
   directory only.
-* ``warm fork (isolated)``: the default: plus network/mount namespaces and a per-execution
-  unprivileged uid (when running as root).
+* ``warm fork (isolated)``: the default: plus network/IPC/mount namespaces, a per-execution
+  unprivileged uid (when running as root), a seccomp filter and a cgroup per execution
+  (where the machine allows it).
+* ``warm fork (isolated, cgroups=False)``: the same without the cgroup, to show its cost.
 * ``env step (5 splits)``: one ``DataScienceCodingEnv.step`` = 5 isolated executions plus
   scoring.
 
@@ -63,10 +65,10 @@ def bench_fresh(runs: int) -> dict[str, float]:
     return summarize(times)
 
 
-def bench_sandbox(runs: int, isolate: bool) -> tuple[dict, dict, float, list[str]]:
+def bench_sandbox(runs: int, isolate: bool, cgroups: bool = True) -> tuple[dict, dict, float, list[str]]:
     x = np.random.default_rng(0).normal(size=(100, 5))
     y = np.arange(100) % 2
-    sandbox = Sandbox(timeout_s=30, memory_mb=1024, isolate=isolate)
+    sandbox = Sandbox(timeout_s=30, memory_mb=1024, isolate=isolate, cgroups=cgroups)
     start = time.perf_counter()
     sandbox.start()
     startup = time.perf_counter() - start
@@ -100,13 +102,15 @@ def bench_env_step(runs: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20, help="executions per mode")
+    parser.add_argument("--skip-fresh", action="store_true", help="skip the (slow) fresh-interpreter mode")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sandbox.json")
     args = parser.parse_args()
 
     load_before = os.getloadavg()
-    fresh = bench_fresh(args.runs)
+    fresh = bench_fresh(args.runs) if not args.skip_fresh else summarize([float("nan")])
     plain_rt, plain_exec, plain_startup, _ = bench_sandbox(args.runs, isolate=False)
     iso_rt, iso_exec, iso_startup, isolation = bench_sandbox(args.runs, isolate=True)
+    nocg_rt, nocg_exec, _, _ = bench_sandbox(args.runs, isolate=True, cgroups=False)
     env_step = bench_env_step(max(1, args.runs // 4))
 
     rows = [
@@ -114,6 +118,7 @@ def main() -> None:
         ("warm fork, isolate=False (round trip)", plain_rt),
         ("warm fork, isolated (round trip)", iso_rt),
         ("warm fork, isolated (fork -> exit, in executor)", iso_exec),
+        ("warm fork, isolated, cgroups=False (round trip)", nocg_rt),
         ("env step = 5 isolated executions + scoring", env_step),
     ]
     print(f"\nsandbox per-execution overhead, trivial program, {args.runs} runs, {os.cpu_count()} CPUs")
@@ -138,6 +143,7 @@ def main() -> None:
         "fresh_interpreter": fresh,
         "warm_fork_isolate_false": {"round_trip": plain_rt, "in_executor": plain_exec, "startup_s": plain_startup},
         "warm_fork_isolated": {"round_trip": iso_rt, "in_executor": iso_exec, "startup_s": iso_startup},
+        "warm_fork_isolated_no_cgroup": {"round_trip": nocg_rt, "in_executor": nocg_exec},
         "env_step_5_splits": env_step,
         "isolation": isolation,
     }
