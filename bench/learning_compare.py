@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
-from learning import evaluate_model, mean_std  # noqa: E402
+from learning import evaluate_model, mean_std, model_checksum  # noqa: E402
 
 
 def seed_dirs(run_dir: Path) -> list[Path]:
@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
         for ckpt in args.checkpoints
     }
     table = _tables(summary, comparisons, base, args)
-    out = {"runs": {k: str(v) for k, v in runs.items()}, "base": base, "samples": args.samples,
+    out = {"runs": {k: str(v) for k, v in runs.items()}, "base_model": args.base,
+           "base_model_sha256": model_checksum(args.base), "base": base, "samples": args.samples,
            "eval_seed": args.eval_seed, "reach": args.reach, "smooth": args.smooth, "summary": summary,
            "comparisons": comparisons, "table": table}
     RESULTS.mkdir(exist_ok=True)
