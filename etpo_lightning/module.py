@@ -25,6 +25,7 @@ from etpo_lightning.losses import (
     soft_lambda_targets,
     soft_values,
 )
+from etpo_lightning.ppo_losses import token_logprobs
 from etpo_lightning.rl_module import TokenRLModule, frozen
 
 
@@ -201,8 +202,7 @@ class ETPOModule(TokenRLModule):
             values = soft_values(q_target, policy_logits.detach(), ref_logits, self.hparams.beta, self.hparams.chunk_size)
             log_ratio = None
             if batch.old_logprobs is not None:
-                logp = torch.log_softmax(policy_logits.detach().float(), dim=-1).gather(-1, taken).squeeze(-1)
-                log_ratio = (logp - batch.old_logprobs) * batch.action_mask
+                log_ratio = (token_logprobs(policy_logits.detach(), batch.action_ids) - batch.old_logprobs) * batch.action_mask
             next_values = self.next_values(batch)
             targets = self.compute_targets(values, batch, q_target.gather(-1, taken).squeeze(-1).float(),
                                            next_values, log_ratio)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from etpo_lightning.batch import TransitionBatch
 from etpo_lightning.critic import TokenQCritic
 from etpo_lightning.models import load_causal_lm
+from etpo_lightning.ppo_losses import token_logprobs
 
 
 def frozen(module: nn.Module) -> nn.Module:
@@ -254,8 +255,7 @@ class TokenRLModule(pl.LightningModule):
     @torch.no_grad()
     def action_logprobs(self, batch: TransitionBatch) -> Tensor:
         """log pi(w_j | h_j) ``[B, L]`` of the taken tokens (0 at padding)."""
-        logp = torch.log_softmax(self.action_outputs(self.policy, batch).float(), dim=-1)
-        taken = logp.gather(-1, batch.action_ids.unsqueeze(-1)).squeeze(-1)
+        taken = token_logprobs(self.action_outputs(self.policy, batch), batch.action_ids)
         return taken * batch.action_mask
 
     @torch.no_grad()
