@@ -62,7 +62,7 @@ def evaluate_model(path: str, samples: int, seed: int, dataset: str) -> dict:
 
 def model_checksum(name_or_path: str) -> str | None:
     """``weights_sha256`` of a local checkpoint (the alias resolved): which base model the numbers are for."""
-    from etpo_lightning.models import resolve_model_path
+    from etpo_lightning.core.models import resolve_model_path
     from etpo_lightning.tiny_coder import weights_checksum
 
     try:

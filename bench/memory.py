@@ -32,7 +32,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from common import format_table, machine_info, machine_label, set_threads, synchronize, write_results
-from etpo_lightning.batch import Transition
+from etpo_lightning.core.batch import Transition
 
 AUTHORS_TENSORS_PER_TOKEN = 3  # target-critic Q, policy logits, reference logits
 FLOAT32_BYTES = 4
@@ -63,7 +63,7 @@ def collect_transitions(env_kind: str, num_envs: int, rollout_steps: int, max_ne
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from etpo_lightning.datamodules.rollout import RolloutDataModule
-    from etpo_lightning.module import ETPOModule
+    from etpo_lightning.etpo.module import ETPOModule
 
     tokenizer = _tokenizer(vocab_size)
     torch.manual_seed(seed)

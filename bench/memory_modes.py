@@ -82,7 +82,7 @@ def run(config: str, lora_r: int) -> dict[str, Any]:
     result: dict[str, Any] = {"model": CONFIGS[config], "full": measure(full)}
     del full
     try:
-        from etpo_lightning.lora import LoRAETPOModule
+        from etpo_lightning.etpo.lora import LoRAETPOModule
     except ImportError:  # peft missing: report the full mode only
         return result
     lora = LoRAETPOModule(policy=meta_llama(config), beta=0.01, lora_r=lora_r, lora_alpha=2 * lora_r)

@@ -65,7 +65,7 @@ def run_ours(method: str, args: argparse.Namespace) -> dict:
     from etpo_lightning import ETPOModule, GRPOModule
     from etpo_lightning.callbacks import RolloutRefresh
     from etpo_lightning.datamodules.rollout import RolloutDataModule
-    from etpo_lightning.models import load_causal_lm, load_tokenizer
+    from etpo_lightning.core.models import load_causal_lm, load_tokenizer
 
     pl.seed_everything(args.seed)
     g = args.group_size
@@ -108,7 +108,7 @@ def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from etpo_lightning.envs import VectorEnv
-    from etpo_lightning.models import load_causal_lm, load_tokenizer
+    from etpo_lightning.core.models import load_causal_lm, load_tokenizer
 
     g = args.group_size
     tokenizer = load_tokenizer(args.model)

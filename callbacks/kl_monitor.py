@@ -12,8 +12,8 @@ import pytorch_lightning as pl
 import torch
 from torchmetrics.text import Perplexity
 
-from etpo_lightning.batch import TransitionBatch
-from etpo_lightning.losses import kl_and_entropy
+from etpo_lightning.core.batch import TransitionBatch
+from etpo_lightning.etpo.losses import kl_and_entropy
 
 
 def read_heldout(path: str | Path) -> list[str]:

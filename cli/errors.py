@@ -8,7 +8,7 @@ full traceback is one flag away: ``--debug`` anywhere on the command line, or
 Which errors count as a bad setting: anything raised while the command line and config
 files are parsed, anything raised while the configured classes are constructed (every
 constructor here checks its arguments), and a model path that does not load
-(:class:`~etpo_lightning.models.ModelNotFoundError`, raised when the model is loaded at the
+(:class:`~etpo_lightning.core.models.ModelNotFoundError`, raised when the model is loaded at the
 start of fit). An error raised later, during training, is a bug or a crash, and keeps its
 traceback and Python's exit status.
 """
@@ -155,7 +155,7 @@ def describe_construction_error(exc: BaseException, config: dict | None = None) 
     the configured classes were built."""
     error = original_error(exc)
     message = first_line(str(error)) or type(error).__name__
-    from etpo_lightning.models import ModelNotFoundError
+    from etpo_lightning.core.models import ModelNotFoundError
 
     if isinstance(error, ModelNotFoundError):
         return message  # names model_name_or_path itself (the datamodule's tokenizer is linked to it)

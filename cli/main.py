@@ -41,9 +41,9 @@ from etpo_lightning.cli.errors import (
     first_line,
 )
 from etpo_lightning.datamodules.rollout import RolloutDataModule
-from etpo_lightning.models import ModelNotFoundError
-from etpo_lightning.module import ETPOModule  # noqa: F401  (registers the default class)
-from etpo_lightning.rl_module import TokenRLModule
+from etpo_lightning.core.models import ModelNotFoundError
+from etpo_lightning.etpo.module import ETPOModule  # noqa: F401  (registers the default class)
+from etpo_lightning.core.base_module import TokenRLModule
 
 
 def _import(class_path: str) -> Any:

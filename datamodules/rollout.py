@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from etpo_lightning.batch import Transition, TransitionBatch
+from etpo_lightning.core.batch import Transition, TransitionBatch
 from etpo_lightning.envs import TextEnv, VectorEnv
-from etpo_lightning.models import load_tokenizer
+from etpo_lightning.core.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from etpo_lightning.batch import Transition, TransitionBatch
+from etpo_lightning.core.batch import Transition, TransitionBatch
 
 
 def tiny_llama(vocab_size: int = 64, seed: int = 0, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:

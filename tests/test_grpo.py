@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from etpo_lightning import GRPOModule, Transition, TransitionBatch
 from etpo_lightning.datamodules.rollout import RolloutDataModule
 from etpo_lightning.envs import KeywordEnv, VectorEnv
-from etpo_lightning.grpo_losses import aggregate, group_advantages, grpo_loss, k3_kl, row_advantages
+from etpo_lightning.grpo.losses import aggregate, group_advantages, grpo_loss, k3_kl, row_advantages
 from etpo_lightning.tiny_coder.tokenizer import train_tokenizer
 from helpers import random_transition_batch, tiny_llama
 

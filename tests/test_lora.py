@@ -15,7 +15,7 @@ from etpo_lightning import ETPOModule
 from helpers import random_transition_batch, tiny_llama
 
 pytest.importorskip("peft")
-from etpo_lightning.lora import AdapterView, LoRAETPOModule  # noqa: E402
+from etpo_lightning.etpo.lora import AdapterView, LoRAETPOModule  # noqa: E402
 
 VOCAB = 64
 TAU = 0.05

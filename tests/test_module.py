@@ -9,7 +9,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
 from etpo_lightning import ETPOModule, TokenQCritic, TransitionBatch
-from etpo_lightning.batch import Transition
+from etpo_lightning.core.batch import Transition
 from etpo_lightning.losses import policy_loss, soft_values
 from helpers import random_transition_batch, tiny_llama
 

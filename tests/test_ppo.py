@@ -11,7 +11,7 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 from etpo_lightning.ppo import PPOModule, TokenValueCritic
-from etpo_lightning.ppo_losses import (
+from etpo_lightning.ppo.losses import (
     clipped_policy_loss,
     gae,
     masked_mean,

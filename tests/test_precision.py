@@ -18,7 +18,7 @@ import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
-import etpo_lightning.module as etpo_module
+import etpo_lightning.etpo.module as etpo_module
 from etpo_lightning import ETPOModule
 from helpers import random_transition_batch, tiny_llama
 
@@ -123,7 +123,7 @@ def test_clipping_sees_unscaled_gradients_under_a_grad_scaler() -> None:
 def test_q_head_is_float32_under_bf16_autocast(head_init: str) -> None:
     """Q under autocast equals the LM head applied in float64 to the (bf16-computed) last
     hidden state, to float32 precision; the bf16 head output it replaces is ~100x further off."""
-    from etpo_lightning.critic import TokenQCritic
+    from etpo_lightning.etpo.critic import TokenQCritic
 
     critic = TokenQCritic.from_policy(tiny_llama(VOCAB, seed=3), head_init=head_init)
     head = critic.backbone.get_output_embeddings()

@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
 from etpo_lightning.envs import DataScienceCodingEnv, Sandbox, SklearnDataset
-from etpo_lightning.envs.sandbox_isolation import WORKDIR_PREFIX
+from etpo_lightning.envs.sandbox.isolation import WORKDIR_PREFIX
 
 @pytest.fixture(scope="session", autouse=True)
 def warm_sandbox():
@@ -83,7 +83,7 @@ def _orphaned_sandbox_processes() -> list[int]:
                 cmdline = fh.read()
         except OSError:
             continue
-        if fields[0] != "Z" and b"sandbox_executor.py" in cmdline and fields[1] == "1":
+        if fields[0] != "Z" and b"sandbox/executor.py" in cmdline and fields[1] == "1":
             orphans.append(int(entry))
     return orphans
 

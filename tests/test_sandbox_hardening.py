@@ -18,7 +18,7 @@ import pytest
 
 from etpo_lightning.envs import DataScienceCodingEnv, Sandbox, SklearnDataset
 from etpo_lightning.envs.base import TextEnv
-from etpo_lightning.envs.sandbox_wire import MAX_ERROR_CHARS, RESULT_KINDS, json_depth
+from etpo_lightning.envs.sandbox.wire import MAX_ERROR_CHARS, RESULT_KINDS, json_depth
 
 TIMEOUT_S = 10.0
 MEMORY_MB = 512

@@ -28,10 +28,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from etpo_lightning.batch import TransitionBatch
-from etpo_lightning.critic import TokenQCritic
-from etpo_lightning.models import load_causal_lm
-from etpo_lightning.ppo_losses import token_logprobs
+from etpo_lightning.core.batch import TransitionBatch
+from etpo_lightning.etpo.critic import TokenQCritic
+from etpo_lightning.core.models import load_causal_lm
+from etpo_lightning.ppo.losses import token_logprobs
 
 
 def frozen(module: nn.Module) -> nn.Module:

@@ -34,7 +34,7 @@ from .base import StepResult, TextEnv, make_info
 from .datasets import TabularDataset
 from .prompts import REFLECTION_TEMPLATE, TASK_TEMPLATE, render_reflection_prompt, render_task_prompt
 from .sandbox import Sandbox
-from .sandbox_wire import MAX_ERROR_CHARS, clean_text
+from .sandbox.wire import MAX_ERROR_CHARS, clean_text
 
 #: The line the prompt ends with; the action is the body that follows it.
 DEF_LINE = "def build_model(x_train, y_train):\n"

@@ -18,7 +18,7 @@ Every network is a small view (``AdapterView``) that activates its adapter on th
 ``peft`` model for the duration of a call; each view registers only its own adapter's
 parameters, so the base class's optimizers, freezing and Polyak code work unchanged.
 
-Switch to it in YAML with ``model: {class_path: etpo_lightning.lora.LoRAETPOModule, ...}``.
+Switch to it in YAML with ``model: {class_path: etpo_lightning.etpo.LoRAETPOModule, ...}``.
 Not tested under FSDP (see docs/scaling.md); DDP and the precisions work as for ETPOModule.
 """
 
@@ -33,9 +33,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from etpo_lightning.losses import DEFAULT_CHUNK_SIZE
-from etpo_lightning.module import ETPOModule
-from etpo_lightning.rl_module import frozen
+from etpo_lightning.etpo.losses import DEFAULT_CHUNK_SIZE
+from etpo_lightning.etpo.module import ETPOModule
+from etpo_lightning.core.base_module import frozen
 
 ADAPTERS = ("policy", "critic", "target_critic")
 TRAINED = ("policy", "critic")

@@ -15,9 +15,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from etpo_lightning.batch import TransitionBatch
-from etpo_lightning.critic import TokenQCritic
-from etpo_lightning.losses import (
+from etpo_lightning.core.batch import TransitionBatch
+from etpo_lightning.etpo.critic import TokenQCritic
+from etpo_lightning.etpo.losses import (
     DEFAULT_CHUNK_SIZE,
     kl_and_entropy,
     policy_loss,
@@ -25,8 +25,8 @@ from etpo_lightning.losses import (
     soft_lambda_targets,
     soft_values,
 )
-from etpo_lightning.ppo_losses import token_logprobs
-from etpo_lightning.rl_module import TokenRLModule, frozen
+from etpo_lightning.ppo.losses import token_logprobs
+from etpo_lightning.core.base_module import TokenRLModule, frozen
 
 
 class ETPOModule(TokenRLModule):

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from etpo_lightning.ppo_losses import _compute_dtype, masked_mean
+from etpo_lightning.ppo.losses import _compute_dtype, masked_mean
 
 LossAggregation = Literal["sequence", "token"]
 

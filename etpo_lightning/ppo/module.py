@@ -17,9 +17,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from etpo_lightning.batch import TransitionBatch
-from etpo_lightning.losses import DEFAULT_CHUNK_SIZE, kl_and_entropy
-from etpo_lightning.ppo_losses import (
+from etpo_lightning.core.batch import TransitionBatch
+from etpo_lightning.etpo.losses import DEFAULT_CHUNK_SIZE, kl_and_entropy
+from etpo_lightning.ppo.losses import (
     clipped_policy_loss,
     gae,
     masked_mean,
@@ -29,7 +29,7 @@ from etpo_lightning.ppo_losses import (
     value_loss,
     whiten,
 )
-from etpo_lightning.rl_module import TokenRLModule
+from etpo_lightning.core.base_module import TokenRLModule
 
 
 class TokenValueCritic(nn.Module):

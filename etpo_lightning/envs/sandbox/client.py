@@ -1,6 +1,6 @@
 """Run model-written code out of process: the caller's side of the sandbox.
 
-:class:`Sandbox` talks to a warm *executor* process (``sandbox_executor.py``, started with
+:class:`Sandbox` talks to a warm *executor* process (``executor.py``, started with
 ``subprocess`` -- the caller is never forked) that has numpy/scipy/pandas/scikit-learn
 imported and forks one isolated child per execution, which costs ~0.05 s instead of the
 ~3 s of a fresh interpreter. All :class:`Sandbox` objects of a process with the same
@@ -21,7 +21,7 @@ with a ``RuntimeWarning`` and listed in ``Sandbox.missing_isolation``.
 Nothing that comes back is trusted: the executor validates the child's result (schema,
 sizes, the expected probability shape, before reading the arrays) and this side validates
 the executor's answer again; every string in a :class:`SandboxResult` is valid UTF-8 of
-bounded length (:func:`~etpo_lightning.envs.sandbox_wire.clean_text`).
+bounded length (:func:`~etpo_lightning.envs.sandbox.wire.clean_text`).
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .sandbox_cgroup import teardown as _remove_cgroup_dirs
-from .sandbox_isolation import WORKDIR_PREFIX
-from .sandbox_wire import RESULT_KINDS, check_result, clean_text, encode_message, read_message, write_all
+from .cgroup import teardown as _remove_cgroup_dirs
+from .isolation import WORKDIR_PREFIX
+from .wire import RESULT_KINDS, check_result, clean_text, encode_message, read_message, write_all
 
-EXECUTOR_SCRIPT = Path(__file__).with_name("sandbox_executor.py")
+EXECUTOR_SCRIPT = Path(__file__).with_name("executor.py")
 
 #: Standard-library modules a program may import (imported before privileges are dropped).
 STDLIB_PRELOAD: tuple[str, ...] = (

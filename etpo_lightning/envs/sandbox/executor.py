@@ -1,6 +1,6 @@
 """The warm sandbox executor: a long-lived process that forks one isolated child per execution.
 
-:mod:`etpo_lightning.envs.sandbox` starts this file as a script (``python sandbox_executor.py
+:mod:`etpo_lightning.envs.sandbox` starts this file as a script (``python executor.py
 CONFIG``) in a fresh interpreter, so the trainer process is never forked. At start-up the
 executor imports numpy/scipy/pandas/scikit-learn once (single-threaded BLAS), probes which
 isolation the machine allows, and then serves requests over its stdin/stdout:
@@ -20,7 +20,7 @@ happens in the caller, so a program cannot tamper with its own reward by patchin
 scikit-learn's metrics. Messages are length-prefixed JSON plus raw numeric arrays (never
 pickle, so a child cannot make the executor or the caller run code by forging a message).
 
-Parts: the wire format is in ``sandbox_wire.py``, the isolation in ``sandbox_isolation.py``;
+Parts: the wire format is in ``wire.py``, the isolation in ``isolation.py``;
 this file preloads modules, runs the program in the child and supervises it.
 """
 
@@ -55,13 +55,13 @@ import warnings
 import numpy as np
 
 if __package__:
-    from . import sandbox_cgroup as cgroup
-    from .sandbox_isolation import PR_SET_CHILD_SUBREAPER, WORKDIR_PREFIX, cleanup, enter_sandbox, limits_for, nproc_limit, prctl, probe_isolation, rmtree, vm_size_bytes
-    from .sandbox_wire import MAX_ERROR_CHARS, MAX_RESULT_HEADER_BYTES, PREFIX_BYTES, check_result, clean_text, decode_message, describe_shape_error, encode_message, payload_limit, read_message, unpack_prefix, write_all
+    from . import cgroup as cgroup
+    from .isolation import PR_SET_CHILD_SUBREAPER, WORKDIR_PREFIX, cleanup, enter_sandbox, limits_for, nproc_limit, prctl, probe_isolation, rmtree, vm_size_bytes
+    from .wire import MAX_ERROR_CHARS, MAX_RESULT_HEADER_BYTES, PREFIX_BYTES, check_result, clean_text, decode_message, describe_shape_error, encode_message, payload_limit, read_message, unpack_prefix, write_all
 else:  # run as a script: the siblings are importable from the script's directory
-    import sandbox_cgroup as cgroup
-    from sandbox_isolation import PR_SET_CHILD_SUBREAPER, WORKDIR_PREFIX, cleanup, enter_sandbox, limits_for, nproc_limit, prctl, probe_isolation, rmtree, vm_size_bytes
-    from sandbox_wire import MAX_ERROR_CHARS, MAX_RESULT_HEADER_BYTES, PREFIX_BYTES, check_result, clean_text, decode_message, describe_shape_error, encode_message, payload_limit, read_message, unpack_prefix, write_all
+    import cgroup as cgroup
+    from isolation import PR_SET_CHILD_SUBREAPER, WORKDIR_PREFIX, cleanup, enter_sandbox, limits_for, nproc_limit, prctl, probe_isolation, rmtree, vm_size_bytes
+    from wire import MAX_ERROR_CHARS, MAX_RESULT_HEADER_BYTES, PREFIX_BYTES, check_result, clean_text, decode_message, describe_shape_error, encode_message, payload_limit, read_message, unpack_prefix, write_all
 
     # ... and then no longer: a program must not import the package's modules by accident.
     sys.path.pop(0)

@@ -6,12 +6,12 @@ in every forked child before the program runs (a failure aborts the execution: f
 
 The measures: own session/process group, rlimits (address space, CPU, file size, open
 files, core dumps; processes for the sandbox uid), a cgroup per execution (memory, pids
-and CPU of the whole process tree; ``sandbox_cgroup.py``), a private working directory, a
+and CPU of the whole process tree; ``cgroup.py``), a private working directory, a
 network namespace, an IPC namespace (SysV IPC and POSIX message queues die with it), a
 mount namespace (the working directory becomes a size-limited tmpfs and every
 world-writable directory a view of it; ``hide_paths`` are masked), a fresh unprivileged uid,
 ``PR_SET_NO_NEW_PRIVS``, a parent-death signal and, last, a seccomp filter
-(``sandbox_seccomp.py``: no keyring, ptrace, mounts, namespaces, eBPF, ...). Without root: a
+(``seccomp.py``: no keyring, ptrace, mounts, namespaces, eBPF, ...). Without root: a
 user+network(+IPC) namespace if unprivileged user namespaces are allowed, the rlimits and
 the seccomp filter.
 """
@@ -29,11 +29,11 @@ import stat
 import tempfile
 
 if __package__:
-    from . import sandbox_cgroup as cgroup
-    from . import sandbox_seccomp as seccomp
-else:  # imported by sandbox_executor.py run as a script
-    import sandbox_cgroup as cgroup  # type: ignore[no-redef]
-    import sandbox_seccomp as seccomp  # type: ignore[no-redef]
+    from . import cgroup as cgroup
+    from . import seccomp as seccomp
+else:  # imported by executor.py run as a script
+    import cgroup as cgroup  # type: ignore[no-redef]
+    import seccomp as seccomp  # type: ignore[no-redef]
 
 # ---------------------------------------------------------------------------------------
 # Linux primitives that Python 3.11's os module lacks.
@@ -247,7 +247,7 @@ def probe_isolation(isolate: bool, uid: object, cgroups: bool = True) -> tuple[d
     """Decide what the children can do here. Returns ``(plan, applied, missing)``.
 
     ``plan["cgroup"]``, when present, is the executor's cgroup root (see
-    :mod:`sandbox_cgroup`); :func:`cleanup` removes it."""
+    :mod:`cgroup`); :func:`cleanup` removes it."""
     plan: dict = {"writable_dirs": _world_writable_dirs()}
     applied = ["session+process-group kill", "rlimits(as,cpu,fsize,nofile,core)", "private-workdir", "no_new_privs"]
     missing: list[str] = []

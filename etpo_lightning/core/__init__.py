@@ -1,0 +1,9 @@
+"""The plumbing every algorithm here shares, one job per file.
+
+* ``base_module.py``  ``TokenRLModule``: model set-up, forwards over [prompt | action],
+                      manual optimisation, logging, the hooks subclasses fill in;
+* ``state.py``        what a checkpoint adds to Lightning's: RNG states of every rank;
+* ``distributed.py``  FSDP detection, sharded gradient clipping, generation and root set-up;
+* ``batch.py``        ``Transition`` and ``TransitionBatch``, what rollouts hand to training;
+* ``models.py``       loading causal LMs and tokenizers (and the tiny coder alias).
+"""
