@@ -126,7 +126,7 @@ def test_sharded_clip_grad_norm_matches_unsharded_clipping(monkeypatch: pytest.M
     """
     import torch.distributed as dist
 
-    from etpo_lightning.core.base_module import sharded_clip_grad_norm_
+    from etpo_lightning.core.distributed import sharded_clip_grad_norm_
 
     full = _params_with(_grads(0))
     want_norm = float(torch.nn.utils.clip_grad_norm_(full, 1.0))

@@ -16,21 +16,26 @@ import contextlib
 import copy
 import importlib
 import logging
-import random
 import re
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from etpo_lightning.core.batch import TransitionBatch
-from etpo_lightning.etpo.critic import TokenQCritic
+from etpo_lightning.core.distributed import (
+    check_polyak_pairs_sharded_alike,
+    fsdp_replicas,
+    is_fsdp_strategy,
+    sharded_clip_grad_norm_,
+    summon_own_params,
+)
 from etpo_lightning.core.models import load_causal_lm
+from etpo_lightning.core.state import gather_rng_states, restore_rng_states
+from etpo_lightning.etpo.critic import TokenQCritic
 from etpo_lightning.ppo.losses import token_logprobs
 
 
@@ -38,75 +43,6 @@ def frozen(module: nn.Module) -> nn.Module:
     """Never trained, always in eval mode."""
     module.requires_grad_(False)
     return module.eval()
-
-
-# ------------------------------------------------------------------ RNG states
-def rng_state() -> dict[str, Any]:
-    """This process's python/numpy/torch (and CUDA) RNG states, as checkpoint-safe types.
-
-    numpy's key array is stored as a list so that ``torch.load(weights_only=True)`` accepts it.
-    """
-    np_state = np.random.get_state(legacy=False)
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {**np_state, "state": {"key": np_state["state"]["key"].tolist(), "pos": np_state["state"]["pos"]}},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of ``rng_state``."""
-    random.setstate(state["python"])
-    np_state = dict(state["numpy"])
-    np_state["state"] = {"key": np.asarray(np_state["state"]["key"], dtype=np.uint32), "pos": np_state["state"]["pos"]}
-    np.random.set_state(np_state)
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-# ------------------------------------------------------------------------ FSDP
-def is_fsdp_strategy(strategy: Any) -> bool:
-    """Whether ``strategy`` shards parameters with FSDP (Lightning's ``FSDPStrategy``)."""
-    from pytorch_lightning.strategies import FSDPStrategy
-
-    return isinstance(strategy, FSDPStrategy)
-
-
-def _fsdp_replicas(root: nn.Module) -> int:
-    """How many ranks hold each gradient element under FSDP (1 for FULL_SHARD/SHARD_GRAD_OP,
-    world size for NO_SHARD, the number of replica groups for HYBRID_SHARD)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    shard_group = next((m.process_group for m in root.modules() if isinstance(m, FSDP)), None)
-    return dist.get_world_size() // dist.get_world_size(shard_group)
-
-
-@torch.no_grad()
-def sharded_clip_grad_norm_(params: list[nn.Parameter], max_norm: float, replicas: int) -> Tensor:
-    """Clip the global L2 norm of gradients that are sharded across ranks (FSDP).
-
-    ``torch.nn.utils.clip_grad_norm_`` would clip each rank's shard by its own norm. Here
-    every rank sums the squares of its local gradient shard, the sums are all-reduced
-    (divided by ``replicas`` because replicated shards were counted that many times), and
-    every rank scales its shard by the same coefficient. Returns the total norm.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    device = grads[0].device if grads else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    sumsq = torch.zeros((), dtype=torch.float32, device=device)
-    for g in grads:
-        sumsq += g.detach().float().pow(2).sum()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sumsq)
-        sumsq /= replicas
-    total = sumsq.sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.to(g.dtype))
-    return total
 
 
 class _StepsInBatches(logging.Filter):
@@ -314,7 +250,7 @@ class TokenRLModule(pl.LightningModule):
             return
         if is_fsdp_strategy(self.trainer.strategy):
             params = [p for group in optimizer.param_groups for p in group["params"]]
-            sharded_clip_grad_norm_(params, clip, _fsdp_replicas(self.trainer.strategy.model))
+            sharded_clip_grad_norm_(params, clip, fsdp_replicas(self.trainer.strategy.model))
         else:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
@@ -358,10 +294,8 @@ class TokenRLModule(pl.LightningModule):
         would stay sharded. They are gathered here (without writeback: generation only
         reads them); the decoder layers are units of their own and gather themselves.
         """
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        if self.under_fsdp() and isinstance(model, FSDP):
-            with FSDP.summon_full_params(model, recurse=False, writeback=False):
+        if self.under_fsdp():
+            with summon_own_params(model):
                 yield
         else:
             yield
@@ -384,20 +318,9 @@ class TokenRLModule(pl.LightningModule):
         would make whichever unit runs first its root, and the real root would then fail
         its lazy init. Gathering the (empty) root's own parameters initialises it first.
         """
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        root = self.trainer.strategy.model
-        with FSDP.summon_full_params(root, recurse=False, writeback=False):
+        with summon_own_params(self.trainer.strategy.model):
             pass
-        for online, averaged in self.polyak_pairs():
-            a = [tuple(p.shape) for p in online.parameters()]
-            b = [tuple(p.shape) for p in averaged.parameters()]
-            if a != b:
-                raise RuntimeError(
-                    "the critic and its target critic are sharded differently, so a shard-by-shard Polyak "
-                    "update would mix unrelated weights: wrap both with the same auto_wrap_policy "
-                    "(e.g. the decoder layer class and the causal LM class)"
-                )
+        check_polyak_pairs_sharded_alike(self.polyak_pairs())
 
     def on_fit_start(self) -> None:
         if self.under_fsdp():
@@ -425,11 +348,7 @@ class TokenRLModule(pl.LightningModule):
         hook on every rank (only rank 0 writes), so the states are gathered here.
         """
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
-        states = [rng_state()]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            states = [None] * dist.get_world_size()
-            dist.all_gather_object(states, rng_state())
-        checkpoint["rng_states"] = states
+        checkpoint["rng_states"] = gather_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the counter and this rank's RNG states.
@@ -443,10 +362,4 @@ class TokenRLModule(pl.LightningModule):
         states = checkpoint.get("rng_states")
         if not states or self._trainer is None:
             return  # load_from_checkpoint for inference: leave the caller's RNG alone
-        rank = self.global_rank
-        set_rng_state(states[rank % len(states)])
-        if rank >= len(states):
-            seed = int(torch.randint(0, 2**31, ()).item()) + 1_000_003 * rank
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            torch.manual_seed(seed)
+        restore_rng_states(states, self.global_rank)
