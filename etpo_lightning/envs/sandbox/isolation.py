@@ -29,11 +29,11 @@ import stat
 import tempfile
 
 if __package__:
-    from . import cgroup as cgroup
-    from . import seccomp as seccomp
+    from . import cgroup
+    from . import seccomp
 else:  # imported by executor.py run as a script
-    import cgroup as cgroup  # type: ignore[no-redef]
-    import seccomp as seccomp  # type: ignore[no-redef]
+    import cgroup  # type: ignore[no-redef]
+    import seccomp  # type: ignore[no-redef]
 
 # ---------------------------------------------------------------------------------------
 # Linux primitives that Python 3.11's os module lacks.
