@@ -40,136 +40,14 @@ import multiprocessing.connection as mpc
 import pickle
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from .base import TextEnv
-
-EnvFn = Callable[[], TextEnv]
+from .workers import EnvFn, Slot, Worker, describe_error
 
 log = logging.getLogger(__name__)
-
-
-def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
-
-
-class _Slot:
-    """One environment and the step/auto-reset logic both execution modes share."""
-
-    def __init__(self, env_fn: EnvFn) -> None:
-        self.env_fn = env_fn
-        self.env: TextEnv | None = None
-        self.episode_step = 0
-
-    def reset(self, seed: int) -> str:
-        if self.env is None:
-            self.env = self.env_fn()
-        self.episode_step = 0
-        return self.env.reset(seed=seed)
-
-    def step(self, action: str, next_seed: int) -> tuple[str, float, bool, dict[str, Any]]:
-        self.episode_step += 1
-        try:
-            if self.env is None:
-                raise RuntimeError("the environment could not be re-created")
-            obs, reward, done, info = self.env.step(action)
-            info = dict(info) if isinstance(info, dict) else {"env_info": info}
-            reward, done = float(reward), bool(done)
-        except Exception as exc:  # noqa: BLE001 - one env's bug must not stop the others
-            obs, reward, done = "", -1.0, True
-            info = {"error": f"env raised {_describe(exc)}", "success": False, "exception": True}
-        info.setdefault("error", None)
-        info.setdefault("success", False)
-        info.setdefault("episode_step", self.episode_step)
-        info["truncated"] = bool(done and info.get("truncated", False))
-        if done:
-            info["final_observation"] = obs
-            obs = self._auto_reset(next_seed, info)
-        return obs, reward, done, info
-
-    def _auto_reset(self, seed: int, info: dict[str, Any]) -> str:
-        try:
-            return self.reset(seed)
-        except Exception as first:  # noqa: BLE001
-            # A broken env (e.g. after raising mid-step) gets one fresh instance.
-            self.close()
-            try:
-                return self.reset(seed)
-            except Exception as exc:  # noqa: BLE001
-                self.close()
-                info["reset_error"] = f"reset failed twice: {_describe(first)}; {_describe(exc)}"
-                return ""
-
-    def close(self) -> None:
-        if self.env is not None:
-            try:
-                self.env.close()
-            except Exception:  # noqa: BLE001
-                pass
-            self.env = None
-
-
-def _worker_main(conn: mpc.Connection, env_fns: dict[int, EnvFn]) -> None:
-    """Worker process: serve reset/step/close commands for a few environments."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
-    slots = {i: _Slot(fn) for i, fn in env_fns.items()}
-    try:
-        while True:
-            try:
-                command, payload = conn.recv()
-            except (EOFError, OSError):
-                break
-            if command == "reset":
-                reply: dict[int, Any] = {}
-                for i, seed in payload:
-                    try:
-                        reply[i] = ("ok", slots[i].reset(seed))
-                    except Exception as exc:  # noqa: BLE001
-                        reply[i] = ("error", _describe(exc))
-            elif command == "step":
-                reply = {i: slots[i].step(action, seed) for i, action, seed in payload}
-            else:
-                break
-            try:
-                conn.send(reply)
-            except (pickle.PicklingError, TypeError, AttributeError):
-                # An info value that cannot be pickled: send its text instead.
-                conn.send({i: _as_text(r) for i, r in reply.items()})
-    finally:
-        for slot in slots.values():
-            slot.close()
-        conn.close()
-
-
-def _as_text(result: Any) -> Any:
-    if isinstance(result, tuple) and len(result) == 4:
-        obs, reward, done, info = result
-        return obs, reward, done, {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v) for k, v in info.items()}
-    return result
-
-
-class _Worker:
-    def __init__(self, ctx: Any, env_ids: list[int], env_fns: Sequence[EnvFn]) -> None:
-        self.env_ids = env_ids
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(
-            target=_worker_main,
-            args=(child, {i: env_fns[i] for i in env_ids}),
-            name=f"etpo-env-worker-{env_ids[0]}",
-            daemon=True,
-        )
-        self.process.start()
-        child.close()
-
-    def kill(self) -> None:
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(10)
-        self.conn.close()
 
 
 class VectorEnv:
@@ -225,17 +103,17 @@ class VectorEnv:
         self._episode_step = [0] * self.num_envs
         self._needs_reset = True
         self._closed = False
-        self._slots: list[_Slot] = []
-        self._workers: list[_Worker] = []
+        self._slots: list[Slot] = []
+        self._workers: list[Worker] = []
         if self.num_workers == 0:
-            self._slots = [_Slot(fn) for fn in self.env_fns]
+            self._slots = [Slot(fn) for fn in self.env_fns]
             return
         try:
             pickle.dumps(self.env_fns)
         except Exception as exc:  # noqa: BLE001
             raise TypeError(
                 "env_fns must be picklable when num_workers > 0 (use a class, functools.partial "
-                f"or a module-level function, not a lambda): {_describe(exc)}"
+                f"or a module-level function, not a lambda): {describe_error(exc)}"
             ) from exc
         if start_method is None:
             start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
@@ -246,7 +124,7 @@ class VectorEnv:
             # Workers fork from a server that imported the envs once: cheap (re)starts.
             self._ctx.set_forkserver_preload(["etpo_lightning.envs"])
         self._workers = [
-            _Worker(self._ctx, list(range(w, self.num_envs, self.num_workers)), self.env_fns) for w in range(self.num_workers)
+            Worker(self._ctx, list(range(w, self.num_envs, self.num_workers)), self.env_fns) for w in range(self.num_workers)
         ]
 
     # -- seeds -----------------------------------------------------------------------------
@@ -373,16 +251,16 @@ class VectorEnv:
             raise RuntimeError("VectorEnv is closed")
 
     @staticmethod
-    def _send(worker: _Worker, message: tuple) -> None:
+    def _send(worker: Worker, message: tuple) -> None:
         try:
             worker.conn.send(message)
         except (OSError, ValueError):
             pass  # a dead worker: _gather sees its sentinel and reports the crash
 
-    def _gather(self, workers: list[_Worker], timeout: float | None) -> tuple[dict[_Worker, dict], dict[_Worker, str]]:
+    def _gather(self, workers: list[Worker], timeout: float | None) -> tuple[dict[Worker, dict], dict[Worker, str]]:
         """Wait for one reply per worker; return replies and failure reasons."""
-        replies: dict[_Worker, dict] = {}
-        failures: dict[_Worker, str] = {}
+        replies: dict[Worker, dict] = {}
+        failures: dict[Worker, str] = {}
         pending = {w.conn: w for w in workers}
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending:
@@ -415,12 +293,12 @@ class VectorEnv:
                     del pending[w.conn]
         return replies, failures
 
-    def _replace(self, worker: _Worker, reason: str, in_step: bool = True) -> dict[int, str]:
+    def _replace(self, worker: Worker, reason: str, in_step: bool = True) -> dict[int, str]:
         """Kill ``worker``, start a new one for its environments, reset them; return first obs."""
         old_pid = worker.process.pid
         worker.kill()
         self.workers_restarted += 1
-        new = _Worker(self._ctx, worker.env_ids, self.env_fns)
+        new = Worker(self._ctx, worker.env_ids, self.env_fns)
         outcome = "their step scores -1.0 and their episodes restart" if in_step else "they are reset again"
         log.warning("env worker %d (pid %s) replaced by pid %s: %s; %s (worker restart %d of this VectorEnv)",
                     self._workers.index(worker), old_pid, new.process.pid, reason, outcome, self.workers_restarted)
