@@ -19,7 +19,8 @@ from pathlib import Path
 
 from etpo_lightning.envs.prompts import render_reflection_prompt, render_task_prompt
 from etpo_lightning.tiny_coder.failures import break_program
-from etpo_lightning.tiny_coder.programs import FAMILIES, META, Ctx, render, sample_program
+from etpo_lightning.tiny_coder.programs import FAMILIES, META, Ctx, sample_program
+from etpo_lightning.tiny_coder.render import render
 
 # (name, what it is, feature range, classes): real-world-like and synthetic tasks.
 _DATASETS: list[tuple[str, str, tuple[int, int], tuple[int, int]]] = [

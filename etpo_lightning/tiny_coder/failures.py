@@ -22,10 +22,8 @@ from etpo_lightning.tiny_coder.programs import (
     Program,
     Str,
     calls_in,
-    import_lines,
-    indent,
-    render_lines,
 )
+from etpo_lightning.tiny_coder.render import import_lines, indent, render_lines
 
 FAILURE_KINDS = (
     "wrong_param",
