@@ -15,7 +15,7 @@ of the exact soft-value computation per position, chunked vs unchunked.
    read from ``torch.cuda.max_memory_allocated`` on CUDA, and on CPU from the allocation
    and free events of ``torch.profiler`` (``profile_memory=True``), replayed in time
    order. It is compared with the analytic bound 5 x chunk x |V| x 4 bytes of
-   ``losses.py``.
+   ``etpo_lightning/etpo/losses.py``.
 
 Run: ``python bench/memory.py`` (CPU, about a minute); ``--device cuda`` on a GPU.
 """

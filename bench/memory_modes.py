@@ -9,7 +9,7 @@ training estimate adds gradients and AdamW's two moments for the trainable param
     weights + trainable x (1 grad + 2 moments)      in the same dtype
 
 (activations, the KV cache and the full-vocabulary loss chunks come on top; see
-losses.py and bench/memory.py for those).
+etpo_lightning/etpo/losses.py and bench/memory.py for those).
 
 Configurations: ``tiny`` is the tiny sklearn coder's Llama (hidden 256, 4 layers,
 vocab 1024); ``7b`` a CodeLlama-7B-like Llama (hidden 4096, 32 layers, vocab 32016).

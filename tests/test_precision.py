@@ -1,7 +1,7 @@
 """Precision as a Trainer argument: bf16-mixed on CPU, and gradient clipping under a GradScaler.
 
 The networks' logits come out of autocast in bfloat16; ETPO's soft values, KL and losses
-must still be float32 arithmetic (losses.py upcasts and disables autocast). The spies
+must still be float32 arithmetic (etpo/losses.py upcasts and disables autocast). The spies
 below record what the module passes to the loss functions during a real bf16-mixed fit
 and recompute every result in float64 from the same inputs: a bf16 computation (8-bit
 mantissa) would miss the 1e-4 tolerance by orders of magnitude.

@@ -18,7 +18,7 @@ transition also records its *group*: the G episodes that started from the same
 observation. ``group_id`` names the group, ``group_member`` is the episode's index in it
 and ``group_returns`` holds the G episode returns (undiscounted sums of rewards), known
 once every episode of the group has ended; the group-relative advantage of the episode
-is a function of these alone (``grpo_losses.group_advantages``).
+is a function of these alone (``grpo.losses.group_advantages``).
 """
 
 from __future__ import annotations

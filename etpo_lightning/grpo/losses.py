@@ -17,7 +17,7 @@ Read top to bottom, this file is the whole baseline:
                          mean over actions of the mean over each action's tokens) or per
                          token (DAPO, arXiv 2503.14476: sum over all tokens / their count)
 
-Conventions (as ``ppo_losses.py``): tensors are ``[B, L]`` over the tokens of one action
+Conventions (as ``ppo/losses.py``): tensors are ``[B, L]`` over the tokens of one action
 per row, valid tokens left-aligned (right padding), float32 arithmetic (float64 for
 float64 inputs) with autocast off.
 """

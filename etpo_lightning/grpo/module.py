@@ -6,7 +6,7 @@ Two networks:
   * ``reference``  rho, the frozen initial policy; it enters through the k3 KL estimate.
 No critic is built, optimised or checkpointed: the baseline of an episode's return is the
 mean return of the G episodes that started from the same observation
-(``RolloutDataModule(group_size=G)``). The equations are in ``etpo_lightning/grpo_losses.py``.
+(``RolloutDataModule(group_size=G)``). The equations are in ``etpo_lightning/grpo/losses.py``.
 """
 
 from __future__ import annotations

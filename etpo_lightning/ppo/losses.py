@@ -11,7 +11,7 @@ Read top to bottom, this file is the whole baseline:
                         rho_j = exp(log pi(w_j|h_j) - log pi_old(w_j|h_j))
 6. ``value_loss``       mean_j (V_j - G_j)^2, or the clipped PPO form around old values
 
-Conventions (as ``losses.py``): tensors are ``[B, L]`` over the tokens of one action per
+Conventions (as ETPO's ``etpo/losses.py``): tensors are ``[B, L]`` over the tokens of one action per
 row, the valid tokens of ``action_mask`` are left-aligned (right padding), every mean is
 over valid tokens, arithmetic is float32 (float64 for float64 inputs) with autocast off.
 

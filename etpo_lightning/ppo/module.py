@@ -6,7 +6,7 @@ Three networks, on the plumbing of ``TokenRLModule``:
                    trained by ``value_loss``;
   * ``reference``  rho, the frozen initial policy; it only enters the per-token KL penalty.
 
-The equations are in ``etpo_lightning/ppo_losses.py``.
+The equations are in ``etpo_lightning/ppo/losses.py``.
 """
 
 from __future__ import annotations
