@@ -42,8 +42,8 @@ from torch import nn
 
 from common import format_table, machine_info, machine_label, set_threads, synchronize, time_call, write_results
 from etpo_lightning.core.batch import Transition, TransitionBatch
-from etpo_lightning.losses import policy_loss, q_loss, soft_lambda_targets, soft_values
 from etpo_lightning.etpo.module import ETPOModule
+from etpo_lightning.losses import policy_loss, q_loss, soft_lambda_targets, soft_values
 from etpo_lightning.ppo import PPOModule
 
 LR_BODY = (

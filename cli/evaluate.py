@@ -23,9 +23,9 @@ import torch
 from tqdm.auto import tqdm
 
 from etpo_lightning.cli.errors import SettingError, first_line
+from etpo_lightning.core.models import ModelNotFoundError, load_causal_lm, load_tokenizer
 from etpo_lightning.envs import CSVDataset, DataScienceCodingEnv, SklearnDataset, SyntheticDataset, VectorEnv
 from etpo_lightning.envs.datasets import TabularDataset
-from etpo_lightning.core.models import ModelNotFoundError, load_causal_lm, load_tokenizer
 
 SKLEARN_NAMES = ("breast_cancer", "wine", "iris", "digits")
 

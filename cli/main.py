@@ -40,10 +40,10 @@ from etpo_lightning.cli.errors import (
     describe_construction_error,
     first_line,
 )
-from etpo_lightning.datamodules.rollout import RolloutDataModule
-from etpo_lightning.core.models import ModelNotFoundError
-from etpo_lightning.etpo.module import ETPOModule  # noqa: F401  (registers the default class)
 from etpo_lightning.core.base_module import TokenRLModule
+from etpo_lightning.core.models import ModelNotFoundError
+from etpo_lightning.datamodules.rollout import RolloutDataModule
+from etpo_lightning.etpo.module import ETPOModule  # noqa: F401  (registers the default class)
 
 
 def _import(class_path: str) -> Any:

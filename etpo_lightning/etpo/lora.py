@@ -33,9 +33,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from etpo_lightning.core.base_module import frozen
 from etpo_lightning.etpo.losses import DEFAULT_CHUNK_SIZE
 from etpo_lightning.etpo.module import ETPOModule
-from etpo_lightning.core.base_module import frozen
 
 ADAPTERS = ("policy", "critic", "target_critic")
 TRAINED = ("policy", "critic")

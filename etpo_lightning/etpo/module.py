@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from etpo_lightning.core.base_module import TokenRLModule, frozen
 from etpo_lightning.core.batch import TransitionBatch
 from etpo_lightning.etpo.critic import TokenQCritic
 from etpo_lightning.etpo.losses import (
@@ -26,7 +27,6 @@ from etpo_lightning.etpo.losses import (
     soft_values,
 )
 from etpo_lightning.ppo.losses import token_logprobs
-from etpo_lightning.core.base_module import TokenRLModule, frozen
 
 
 class ETPOModule(TokenRLModule):

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from etpo_lightning.core.base_module import TokenRLModule
 from etpo_lightning.core.batch import TransitionBatch
 from etpo_lightning.etpo.losses import DEFAULT_CHUNK_SIZE, kl_and_entropy
 from etpo_lightning.ppo.losses import (
@@ -29,7 +30,6 @@ from etpo_lightning.ppo.losses import (
     value_loss,
     whiten,
 )
-from etpo_lightning.core.base_module import TokenRLModule
 
 
 class TokenValueCritic(nn.Module):
