@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The learning evidence of README "Results", end to end (about 2.5-3 hours on 2 cores):
+# The learning evidence of README "Results", end to end (about 3.5-4 hours on 2 cores):
 #
 #     bash bench/learning_all.sh                 # seeds 0-4 of every method, then one evaluation
 #     SEEDS="0 1" bash bench/learning_all.sh     # fewer seeds
@@ -17,9 +17,12 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/etpo_lam0.9 --label "ETPO(lambda=0.9)"
 python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/ppo --label PPO \
     --config configs/ppo_quickstart.yaml
+python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/grpo --label GRPO \
+    --config configs/grpo_quickstart.yaml
 python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/etpo_lam0 --label "ETPO(lambda=0)" \
     -- --model.init_args.lam=0
 python bench/learning_compare.py --samples 192 \
     --run "ETPO(lambda=0.9)=runs/bench_learning/etpo_lam0.9" \
     --run "PPO=runs/bench_learning/ppo" \
+    --run "GRPO=runs/bench_learning/grpo" \
     --run "ETPO(lambda=0)=runs/bench_learning/etpo_lam0"

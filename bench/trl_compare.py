@@ -22,6 +22,9 @@ Each method runs in its own child process (so that peak RSS is its own) and repo
   * wall time of training (``trainer.fit`` / ``GRPOTrainer.train``; model loading,
     trainer construction and the start of the environment workers excluded) per 100
     sampled programs;
+  * of that, the time spent running the sampled programs (``VectorEnv.step``: the same
+    sandboxed executor for every method, but its time depends on which programs the
+    policy writes), and the rest: generation, log-probabilities, the update;
   * peak RSS of the training process (ru_maxrss; the sandboxed program runs and env
     workers are separate processes, the same for every method, and not included);
   * mean reward of every collection of G programs against programs sampled.
@@ -75,9 +78,9 @@ def run_ours(method: str, args: argparse.Namespace) -> dict:
         module = GRPOModule(policy=policy, beta=args.beta, clip_ratio=args.epsilon, policy_lr=args.lr,
                             scale_rewards=True, loss_aggregation="sequence")
     else:
-        # The quickstart's critic settings (configs/quickstart.yaml); beta and lr shared.
+        # The quickstart's ETPO settings (configs/quickstart.yaml: lambda-returns, critic); beta and lr shared.
         module = ETPOModule(policy=policy, beta=args.beta, gamma=0.99, policy_lr=args.lr, critic_lr=1e-3, tau=0.5,
-                            critic_head_init="dueling", critic_advantage_scale=0.1)
+                            lam=0.9, traces=False, critic_head_init="dueling", critic_advantage_scale=0.1)
     dm = RolloutDataModule(env=make_env(), tokenizer=tokenizer, num_envs=g, group_size=g, env_workers=args.env_workers,
                            rollout_steps=1, batch_size=g, batches_per_epoch=1, replay_collections=1,
                            max_new_tokens=args.max_new_tokens, temperature=1.0, seed=args.seed)
@@ -96,10 +99,32 @@ def run_ours(method: str, args: argparse.Namespace) -> dict:
     # Environment workers and sandboxes start here, outside the timed region, as TRL's
     # VectorEnv does before ``train()`` (``setup`` is idempotent: fit reuses them).
     dm.setup("fit")
+    env_seconds = _time_env_steps(dm.vector_env)
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     seconds = time.perf_counter() - start
-    return {"train_seconds": seconds, "programs": dm.env_steps, "curve": curve}
+    return {"train_seconds": seconds, "env_seconds": env_seconds[0], "programs": dm.env_steps, "curve": curve}
+
+
+def _time_env_steps(venv) -> list[float]:
+    """Accumulate the wall time of ``venv.step`` (running the sampled programs in the sandbox).
+
+    That time depends on which programs the policy writes (a failing program returns at once,
+    a cross-validated ensemble takes seconds), not on the training loop, so the comparison
+    also reports each method's time without it.
+    """
+    total = [0.0]
+    step = venv.step
+
+    def timed_step(actions):
+        start = time.perf_counter()
+        try:
+            return step(actions)
+        finally:
+            total[0] += time.perf_counter() - start
+
+    venv.step = timed_step
+    return total
 
 
 # ----------------------------------------------------------------------- TRL
@@ -118,6 +143,7 @@ def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
     env.close()
     venv = VectorEnv([make_env] * g, num_workers=args.env_workers, seed=args.seed)
     venv.reset()
+    env_seconds = _time_env_steps(venv)
     curve: list[tuple[int, float]] = []
     sampled = [0]
 
@@ -152,7 +178,7 @@ def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
     finally:
         seconds = time.perf_counter() - start
         venv.close()
-    return {"train_seconds": seconds, "programs": sampled[0], "curve": curve}
+    return {"train_seconds": seconds, "env_seconds": env_seconds[0], "programs": sampled[0], "curve": curve}
 
 
 # ------------------------------------------------------------------- driver
@@ -164,7 +190,10 @@ def child(method: str, args: argparse.Namespace) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     result = run_trl(args, out_dir) if method == "trl_grpo" else run_ours(method, args)
     result["peak_rss_mb"] = peak_rss_mb()
-    result["seconds_per_100_programs"] = 100.0 * result["train_seconds"] / max(1, result["programs"])
+    programs = max(1, result["programs"])
+    result["seconds_per_100_programs"] = 100.0 * result["train_seconds"] / programs
+    result["env_seconds_per_100_programs"] = 100.0 * result["env_seconds"] / programs
+    result["loop_seconds_per_100_programs"] = 100.0 * (result["train_seconds"] - result["env_seconds"]) / programs
     (out_dir / f"{method}.json").write_text(json.dumps(result, indent=2))
 
 
@@ -210,22 +239,27 @@ def main(argv: list[str] | None = None) -> dict:
         results[method] = json.loads(path.read_text())
         path.unlink()
         r = results[method]
-        print(f"   {r['seconds_per_100_programs']:.1f} s / 100 programs, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+        print(f"   {r['seconds_per_100_programs']:.1f} s / 100 programs ({r['env_seconds_per_100_programs']:.1f} s "
+              f"running them), peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
 
-    header = "| method | s / 100 programs | peak RSS (MB) | mean reward, first G | mean reward, last G | programs |"
-    rows = [header, "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    header = ("| method | s / 100 programs | of which running the programs | the rest (generation, training) | "
+              "peak RSS (MB) | mean reward, first 5 groups | mean reward, last 5 groups | programs |")
+    rows = [header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for method, r in results.items():
-        first = r["curve"][0][1] if r["curve"] else float("nan")
-        last = r["curve"][-1][1] if r["curve"] else float("nan")
-        rows.append(f"| {LABELS[method]} | {r['seconds_per_100_programs']:.1f} | {r['peak_rss_mb']:.0f} | "
+        rewards = [y for _, y in r["curve"]]
+        first = sum(rewards[:5]) / len(rewards[:5]) if rewards else float("nan")
+        last = sum(rewards[-5:]) / len(rewards[-5:]) if rewards else float("nan")
+        rows.append(f"| {LABELS[method]} | {r['seconds_per_100_programs']:.1f} | {r['env_seconds_per_100_programs']:.1f} | "
+                    f"{r['loop_seconds_per_100_programs']:.1f} | {r['peak_rss_mb']:.0f} | "
                     f"{first:.3f} | {last:.3f} | {r['programs']} |")
     table = "\n".join(rows)
-    if "trl_grpo" in results and "ours_grpo" in results:
-        ratio = results["ours_grpo"]["seconds_per_100_programs"] / results["trl_grpo"]["seconds_per_100_programs"]
-        table += f"\n\nGRPOModule / TRL wall time per program: {ratio:.2f}"
-    if "trl_grpo" in results and "ours_etpo" in results:
-        ratio = results["ours_etpo"]["seconds_per_100_programs"] / results["trl_grpo"]["seconds_per_100_programs"]
-        table += f"\nETPOModule / TRL wall time per program: {ratio:.2f}"
+    for ours in ("ours_grpo", "ours_etpo"):
+        if "trl_grpo" in results and ours in results:
+            total = results[ours]["seconds_per_100_programs"] / results["trl_grpo"]["seconds_per_100_programs"]
+            loop = (results[ours]["loop_seconds_per_100_programs"]
+                    / results["trl_grpo"]["loop_seconds_per_100_programs"])
+            table += (f"\n{LABELS[ours]} / TRL wall time per program: {total:.2f} in all, "
+                      f"{loop:.2f} without running the programs")
     settings = {k: getattr(args, k) for k in ("programs", "group_size", "lr", "beta", "epsilon", "max_new_tokens",
                                                "env_workers", "threads", "seed", "model")}
     data = {"settings": settings, "results": results, "failures": failures, "table": table,
