@@ -33,7 +33,7 @@ from etpo_lightning.core.distributed import (
     sharded_clip_grad_norm_,
     summon_own_params,
 )
-from etpo_lightning.core.models import load_causal_lm
+from etpo_lightning.core.models import accepts_logits_to_keep, load_causal_lm
 from etpo_lightning.core.state import gather_rng_states, restore_rng_states
 from etpo_lightning.etpo.critic import TokenQCritic
 from etpo_lightning.ppo.losses import token_logprobs
@@ -169,24 +169,42 @@ class TokenRLModule(pl.LightningModule):
         return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
 
     @staticmethod
-    def outputs(model: nn.Module, inputs: dict[str, Tensor], ref_logits: Tensor | None = None) -> Tensor:
+    def outputs(model: nn.Module, inputs: dict[str, Tensor], ref_logits: Tensor | None = None,
+                keep: int = 0, ref_probs: Tensor | None = None) -> Tensor:
         """Per-position outputs ``[B, T, V]`` of an LM (its logits) or of a critic (a tensor).
 
-        ``ref_logits`` (rho's logits at the same positions) go to critics that need them."""
+        ``keep`` > 0: the outputs at the last ``keep`` positions only, ``[B, keep, ...]``; the
+        output head is applied there alone (``logits_to_keep``) when the model accepts it, so
+        no ``[B, T, V]`` tensor is built over the prompt. ``ref_logits`` (rho's logits) or
+        ``ref_probs`` (their softmax, float32) at the same positions as the outputs go to
+        critics that need them (the dueling Q-head)."""
+        kwargs = dict(inputs)
+        if keep and accepts_logits_to_keep(model):
+            kwargs["logits_to_keep"] = keep
         if isinstance(model, TokenQCritic):
-            out = model(**inputs, ref_logits=ref_logits) if model.needs_reference else model(**inputs)
+            if model.needs_reference:
+                kwargs.update({k: v for k, v in (("ref_logits", ref_logits), ("ref_probs", ref_probs)) if v is not None})
+            out = model(**kwargs)
         else:
-            out = model(**inputs, use_cache=False)
-        return out if isinstance(out, Tensor) else out.logits
+            out = model(**kwargs, use_cache=False)
+        out = out if isinstance(out, Tensor) else out.logits
+        return out[:, -keep:] if keep and out.shape[1] != keep else out
 
-    def action_outputs(self, model: nn.Module, batch: TransitionBatch) -> Tensor:
-        """``model``'s outputs ``[B, L, ...]`` at the histories h_j where action token j is chosen."""
-        inputs = self.model_inputs(batch.prompt_ids, batch.prompt_mask, batch.action_ids, batch.action_mask)
-        return self.outputs(model, inputs)[:, batch.prompt_ids.shape[1] - 1:]
+    def action_inputs(self, batch: TransitionBatch) -> dict[str, Tensor]:
+        """``model_inputs`` of the batch's [prompt | action] sequences."""
+        return self.model_inputs(batch.prompt_ids, batch.prompt_mask, batch.action_ids, batch.action_mask)
 
-    def prompt_outputs(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
-        """``model``'s output ``[B, ...]`` at the last prompt position (where the first action token is chosen)."""
-        return self.outputs(model, self.model_inputs(prompt_ids, prompt_mask))[:, -1]
+    def action_outputs(self, model: nn.Module, batch: TransitionBatch, ref_probs: Tensor | None = None) -> Tensor:
+        """``model``'s outputs ``[B, L, ...]`` at the histories h_j where action token j is chosen
+        (the last prompt position and the action's but the last): computed there only.
+        ``ref_probs``: rho's probabilities ``[B, L, V]`` for a critic that needs them."""
+        return self.outputs(model, self.action_inputs(batch), keep=batch.action_ids.shape[1], ref_probs=ref_probs)
+
+    def prompt_outputs(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
+                       ref_probs: Tensor | None = None) -> Tensor:
+        """``model``'s output ``[B, ...]`` at the last prompt position (where the first action
+        token is chosen), computed there only."""
+        return self.outputs(model, self.model_inputs(prompt_ids, prompt_mask), keep=1, ref_probs=ref_probs)[:, -1]
 
     @torch.no_grad()
     def action_logprobs(self, batch: TransitionBatch) -> Tensor:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 TINY_CODER = "tiny-sklearn-coder"
@@ -66,3 +69,34 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model(..., logits_to_keep=n)`` applies its output head to the last ``n``
+    positions only (Hugging Face causal LMs, ``TokenQCritic``, ``TokenValueCritic``, the LoRA
+    views); wrappers (``torch.compile``, DDP/FSDP) are looked through. Models that do not say
+    so are called without it and their outputs sliced afterwards."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if getattr(type(model), "accepts_logits_to_keep", False):
+            return True
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "_fsdp_wrapped_module", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    if "forward" in vars(model):  # an instance-level forward (a patched model)
+        return _takes_logits_to_keep(model.forward)
+    return _class_takes_logits_to_keep(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _class_takes_logits_to_keep(cls: type) -> bool:
+    return _takes_logits_to_keep(cls.forward)
+
+
+def _takes_logits_to_keep(forward) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False

@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from etpo_lightning.core.models import accepts_logits_to_keep as _keeps_logits
+
 
 class TokenQCritic(nn.Module):
     """Q(h, .) over the whole vocabulary at every position, from a causal LM backbone.
@@ -77,33 +79,52 @@ class TokenQCritic(nn.Module):
         """A critic whose backbone is an independent copy of ``policy``."""
         return cls(copy.deepcopy(policy), head_init=head_init, advantage_scale=advantage_scale)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                ref_logits: Tensor | None = None) -> Tensor:
-        """Q values ``[B, T, V]`` for the next token at every position of ``input_ids``.
+    accepts_logits_to_keep = True  # forward(..., logits_to_keep=n): Q at the last n positions only
 
-        ``ref_logits``: rho's logits ``[B, T, V]`` at the same positions; needed (and only
-        used) by the dueling head.
+    @staticmethod
+    def reference_probs(ref_logits: Tensor) -> Tensor:
+        """rho's probabilities, float32 (autocast off), as the dueling head takes them: compute
+        them once and pass them (``ref_probs``) to the critic and the target critic."""
+        with torch.autocast(ref_logits.device.type, enabled=False):
+            return torch.softmax(ref_logits.float(), dim=-1)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                ref_logits: Tensor | None = None, ref_probs: Tensor | None = None, logits_to_keep: int = 0) -> Tensor:
+        """Q values ``[B, T, V]`` for the next token at every position of ``input_ids``, or
+        ``[B, n, V]`` at the last n positions only with ``logits_to_keep=n`` (the heads are
+        applied there alone: no full-vocabulary tensor over the other positions).
+
+        ``ref_logits``: rho's logits at the same positions as the output, or ``ref_probs``:
+        their softmax (``reference_probs``); needed (and only used) by the dueling head.
         """
         dueling = self.value_head is not None
+        keep = logits_to_keep
         # Under autocast (bf16-mixed, 16-mixed) or with a half-precision backbone, the LM head
         # would give Q in bf16: 8 bits of mantissa, so Q/beta is quantised by ~0.4 nats at
         # beta = 0.01 and Q of a 7B model's logits scale. The head is recomputed in float32
         # from the last hidden state (the backbone stays in low precision; the bf16 logits
         # the backbone also computes are discarded).
         low_precision = torch.is_autocast_enabled(input_ids.device.type) or _is_half(self.backbone)
+        kwargs = {"logits_to_keep": keep} if keep and _keeps_logits(self.backbone) else {}
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False, output_hidden_states=dueling or low_precision)
-        advantages = self._head_float32(out.hidden_states[-1], out.logits) if low_precision else out.logits.float()
+                            use_cache=False, output_hidden_states=dueling or low_precision, **kwargs)
+        logits = out.logits[:, -keep:] if keep else out.logits
+        hidden = None
+        if dueling or low_precision:
+            # hidden_states[-1] is the (final-normed) input of the LM head in Hugging Face causal LMs.
+            hidden = out.hidden_states[-1][:, -keep:] if keep else out.hidden_states[-1]
+        advantages = self._head_float32(hidden, logits) if low_precision else logits.float()
         if not dueling:
             return advantages
-        if ref_logits is None:
-            raise ValueError("the dueling Q-head centres its advantages under rho: pass ref_logits")
+        if ref_probs is None:
+            if ref_logits is None:
+                raise ValueError("the dueling Q-head centres its advantages under rho: pass ref_logits or ref_probs")
+            ref_probs = self.reference_probs(ref_logits)
+        if ref_probs.shape[1] != advantages.shape[1]:
+            raise ValueError(f"rho is given at {ref_probs.shape[1]} positions, Q is computed at {advantages.shape[1]}")
         with torch.autocast(input_ids.device.type, enabled=False):
-            # hidden_states[-1] is the (final-normed) input of the LM head in Hugging Face causal LMs.
-            hidden = out.hidden_states[-1].float()
-            value = nn.functional.linear(hidden, self.value_head.weight.float(), self.value_head.bias.float())
-            rho = torch.softmax(ref_logits.float(), dim=-1)
-            baseline = (rho * advantages).sum(-1, keepdim=True)
+            value = nn.functional.linear(hidden.float(), self.value_head.weight.float(), self.value_head.bias.float())
+            baseline = (ref_probs.float() * advantages).sum(-1, keepdim=True)
             return value + self.advantage_scale * (advantages - baseline)
 
     def _head_float32(self, hidden: Tensor, logits: Tensor) -> Tensor:

@@ -115,6 +115,10 @@ class AdapterView(nn.Module):
     eval mode. Returns the HF output (policy, reference) or the logits tensor (critics).
     """
 
+    # Keyword arguments reach the Hugging Face model (``logits_to_keep`` too: outputs at the
+    # last n positions only).
+    accepts_logits_to_keep = True
+
     def __init__(self, shared: SharedLoRA, adapter: str | None, returns_logits: bool = False) -> None:
         super().__init__()
         self.__dict__["shared"] = shared  # not a submodule: the LightningModule owns it once

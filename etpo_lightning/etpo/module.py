@@ -130,15 +130,23 @@ class ETPOModule(TokenRLModule):
     def frozen_modules(self) -> list[nn.Module]:
         return super().frozen_modules() + [m for m in (self.target_critic,) if m is not None]
 
+    def reference_probs(self, ref_logits: Tensor) -> Tensor | None:
+        """rho's probabilities for the critics that take them (the dueling head), computed
+        once and shared by the critic and the target critic; None when neither needs them."""
+        critics = (self.critic, self.target_critic)
+        if any(isinstance(c, TokenQCritic) and c.needs_reference for c in critics):
+            return TokenQCritic.reference_probs(ref_logits)
+        return None
+
     @torch.no_grad()
     def bootstrap_values(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
         """V(s) ``[B]`` at the first position of observations: the soft value with the target
-        critic, the policy and rho (float32 whatever the precision)."""
-        inputs = self.model_inputs(prompt_ids, prompt_mask)
-        rho = self.outputs(self.reference, inputs)
-        q = self.outputs(self.target_critic, inputs, ref_logits=rho)[:, -1]
-        pi = self.outputs(self.policy, inputs)[:, -1]
-        return soft_values(q, pi, rho[:, -1], self.hparams.beta, self.hparams.chunk_size)
+        critic, the policy and rho (float32 whatever the precision), from the outputs at the
+        last prompt position only."""
+        rho = self.prompt_outputs(self.reference, prompt_ids, prompt_mask)
+        q = self.prompt_outputs(self.target_critic, prompt_ids, prompt_mask, ref_probs=self.reference_probs(rho[:, None]))
+        pi = self.prompt_outputs(self.policy, prompt_ids, prompt_mask)
+        return soft_values(q, pi, rho, self.hparams.beta, self.hparams.chunk_size)
 
     @torch.no_grad()
     def next_values(self, batch: TransitionBatch) -> Tensor:
@@ -189,16 +197,16 @@ class ETPOModule(TokenRLModule):
     # ------------------------------------------------------------ training
     def compute_losses(self, batch: TransitionBatch) -> dict[str, Tensor]:
         """Forward all four networks on ``batch``; the two losses and the statistics to log."""
-        inputs = self.model_inputs(batch.prompt_ids, batch.prompt_mask, batch.action_ids, batch.action_mask)
-        start = batch.prompt_ids.shape[1] - 1  # the history where action token 1 is chosen
+        # Every network's outputs at the L histories where action tokens are chosen only (the
+        # last prompt position and the action's): no [B, T, V] tensor over the prompt.
         with torch.no_grad():
-            ref_all = self.outputs(self.reference, inputs)
-        ref_logits = ref_all[:, start:]
-        policy_logits = self.outputs(self.policy, inputs)[:, start:]
-        q = self.outputs(self.critic, inputs, ref_logits=ref_all)[:, start:]
+            ref_logits = self.action_outputs(self.reference, batch)
+            ref_probs = self.reference_probs(ref_logits)  # one softmax for both critics
+        policy_logits = self.action_outputs(self.policy, batch)
+        q = self.action_outputs(self.critic, batch, ref_probs=ref_probs)
         taken = batch.action_ids.unsqueeze(-1)
         with torch.no_grad():
-            q_target = self.outputs(self.target_critic, inputs, ref_logits=ref_all)[:, start:]
+            q_target = self.action_outputs(self.target_critic, batch, ref_probs=ref_probs)
             values = soft_values(q_target, policy_logits.detach(), ref_logits, self.hparams.beta, self.hparams.chunk_size)
             log_ratio = None
             if batch.old_logprobs is not None:

@@ -41,6 +41,8 @@ class TokenValueCritic(nn.Module):
     so every value starts at 0 and the first advantages are the plain discounted rewards.
     """
 
+    accepts_logits_to_keep = True  # forward(..., logits_to_keep=n): values at the last n positions only
+
     def __init__(self, backbone: nn.Module, hidden_size: int) -> None:
         super().__init__()
         self.backbone = backbone
@@ -68,11 +70,15 @@ class TokenValueCritic(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         use_cache: bool | None = None,  # noqa: ARG002 - accepted for TokenRLModule.outputs
+        logits_to_keep: int = 0,
     ) -> Tensor:
-        """Values ``[B, T]`` of the histories ending at every position of ``input_ids``."""
+        """Values ``[B, T]`` of the histories ending at every position of ``input_ids``
+        (``[B, n]`` at the last n positions with ``logits_to_keep=n``)."""
         hidden = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
         return self.value_head(hidden).squeeze(-1).float()
 
 
@@ -182,7 +188,7 @@ class PPOModule(TokenRLModule):
     @torch.no_grad()
     def bootstrap_values(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
         """V(s) ``[B]``: the value head at the last prompt position, stored as ``next_values``."""
-        out = self.outputs(self.critic, self.model_inputs(prompt_ids, prompt_mask))
+        out = self.outputs(self.critic, self.model_inputs(prompt_ids, prompt_mask), keep=1)  # the last position only
         return self.critic_values(out)[:, -1]
 
     # ------------------------------------------------- overridable PPO parts
