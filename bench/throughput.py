@@ -19,6 +19,13 @@ weights. The batch is ``--batch`` transitions with left-padded prompts of up to
   over the same [prompt | action] inputs, one backward, clipping, both optimizer steps:
   the cost of training the same two networks without RL. ETPO, supervised and PPO steps
   are interleaved repeat by repeat, so their ratio holds on a noisy machine.
+* Floor of the ETPO / supervised ratio: the forwards ETPO must add to a supervised step
+  of the same two networks. Analytically (a backward costs two forwards, so a supervised
+  step is 2 x 3 = 6 forwards): 4/3 for the target-critic and reference forwards, plus
+  3 R / (6 T) for the fresh bootstraps (3 forwards over R next-observation positions
+  against the T positions of the training forwards, padding included). Measured: (the
+  supervised step + the timed target-critic/reference forwards + the timed bootstraps) /
+  the supervised step. ``--profile`` adds torch.profiler's top operators of one ETPO step.
 * Generation: Hugging Face ``generate`` with the KV cache, sampling, a fixed number of
   new tokens (``min_new_tokens``), for batch 1 and ``--batch``.
 * Environment: ``DataScienceCodingEnv(SklearnDataset("breast_cancer"))`` scoring a
@@ -189,6 +196,97 @@ class Steps:
 ETPO, SUPERVISED, PPO = "ETPO step", "supervised LM step (policy + critic)", "PPO step (baseline)"
 
 
+def analytic_floor(batch: TransitionBatch) -> dict[str, float]:
+    """The ETPO / supervised ratio if ETPO cost only its extra forwards (see the docstring).
+
+    Positions are counted as computed: rows x padded width; the bootstraps over the rows
+    ``ETPOModule.next_values`` actually forwards (``bootstrap_rows``)."""
+    train = batch.prompt_ids.shape[0] * (batch.prompt_ids.shape[1] + batch.action_ids.shape[1] - 1)
+    boot = 0
+    if batch.next_prompt_ids is not None:
+        ids, _ = bootstrap_rows(batch)
+        boot = ids.numel()
+    return {"without_bootstraps": 4 / 3, "bootstrap_positions": boot, "training_positions": train,
+            "with_bootstraps": 4 / 3 + 3 * boot / (6 * train)}
+
+
+def bootstrap_rows(batch: TransitionBatch):
+    """The next observations ``ETPOModule.next_values`` forwards (all rows if it has no selection)."""
+    select = getattr(ETPOModule, "bootstrap_inputs", None)
+    if select is None:
+        return batch.next_prompt_ids, batch.next_prompt_mask
+    ids, mask, _rows = select(batch)
+    return ids, mask
+
+
+def profile_step(steps: Steps, top: int) -> dict:
+    """One ETPO step under torch.profiler: inclusive CPU time of its phases (each network's
+    training forwards, the bootstraps, the rest of ``compute_losses``, backward, optimizer
+    steps, Polyak) from ``record_function`` ranges, and the top operators by self time."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    m = steps.etpo
+    handles, ranges = [], []
+    for name in ("reference", "policy", "critic", "target_critic"):
+        net = getattr(m, name)
+
+        def pre(_mod, _args, _kwargs=None, name=name):
+            ranges.append(record_function(f"phase: {name} forward" + (" (bootstraps)" if in_boot else "")))
+            ranges[-1].__enter__()
+
+        def post(_mod, _args, _out, name=name):
+            ranges.pop().__exit__(None, None, None)
+
+        handles += [net.register_forward_pre_hook(pre), net.register_forward_hook(post)]
+    in_boot = False
+    next_values, after = m.next_values, m.after_optimizer_steps
+
+    def timed_next_values(batch):
+        nonlocal in_boot
+        in_boot = True
+        try:
+            with record_function("phase: bootstraps V(s') (all)"):
+                return next_values(batch)
+        finally:
+            in_boot = False
+
+    def timed_after():
+        with record_function("phase: Polyak update"):
+            after()
+
+    def step() -> None:
+        with record_function("phase: compute_losses (all)"):
+            out = m.compute_losses(steps.batch)
+        loss = out["q_loss"] + out["policy_loss"]
+        for opt in steps.etpo_opts:
+            opt.zero_grad(set_to_none=True)
+        with record_function("phase: backward"):
+            loss.backward()
+        with record_function("phase: clip + optimizer steps"):
+            for opt in steps.etpo_opts:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], steps.clip)
+                opt.step()
+        m.after_optimizer_steps()
+
+    m.next_values, m.after_optimizer_steps = timed_next_values, timed_after
+    try:
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with record_function("phase: ETPO step"):
+                step()
+    finally:
+        m.next_values, m.after_optimizer_steps = next_values, after
+        for h in handles:
+            h.remove()
+    events = prof.key_averages()
+    phases = {e.key.removeprefix("phase: "): e.cpu_time_total / 1000 for e in events if e.key.startswith("phase: ")}
+    ops = sorted((e for e in events if not e.key.startswith("phase: ")), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops)
+    return {"phases_ms": phases,
+            "top_ops": [{"op": e.key, "self_ms": e.self_cpu_time_total / 1000, "share": e.self_cpu_time_total / total,
+                         "calls": e.count} for e in ops[:top]]}
+
+
 def interleaved(fns: dict[str, Callable[[], None]], device: str, warmup: int, repeats: int) -> dict[str, dict]:
     """Every function once per repeat, in turn, so that all see the same machine load.
 
@@ -260,6 +358,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--env-executions", type=int, default=5)
+    parser.add_argument("--profile", type=int, default=15, metavar="N",
+                        help="print the N operators of one profiled ETPO step that take most time (0: skip)")
     parser.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/throughput.json")
     args = parser.parse_args(argv)
     set_threads(args.threads)
@@ -293,8 +393,31 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(["part", "min", "median", "of the ETPO step (min)"], rows))
     overhead = etpo_min / whole[SUPERVISED]["min_s"]
     overhead_paired = 1.0 / whole[SUPERVISED]["of_etpo"]
+    floor = analytic_floor(steps.batch)
+    sup = whole[SUPERVISED]["min_s"]
+    extra = [k for k in parts if k.startswith("target critic") or k.startswith("fresh bootstraps")]
+    measured_floor = (sup + sum(parts[k]["min_s"] for k in extra)) / sup
+    floor["measured"] = measured_floor
     print(f"\nETPO step / supervised step: {overhead:.2f}x (min / min); "
           f"{overhead_paired:.2f}x (median of the same-repeat ratios)")
+    print(f"Floor: {floor['without_bootstraps']:.2f}x without bootstraps (target-critic + reference forwards, "
+          f"a backward = 2 forwards); {floor['with_bootstraps']:.2f}x with the fresh bootstraps (3 forwards over "
+          f"{floor['bootstrap_positions']:,} next-observation positions vs {floor['training_positions']:,} training "
+          f"positions); measured {measured_floor:.2f}x (supervised + timed extra forwards)")
+    print(f"Measured ratio / floor: {overhead_paired / floor['with_bootstraps']:.2f} (analytic), "
+          f"{overhead_paired / measured_floor:.2f} (measured floor); the issue's target: within 1.05")
+    profiled = {}
+    if args.profile:
+        profiled = profile_step(steps, args.profile)
+        phases = profiled["phases_ms"]
+        whole_ms = phases.get("ETPO step", 0.0) or 1.0
+        print("\nOne ETPO step under torch.profiler (inclusive CPU time of its phases; profiler overhead included)\n")
+        print(format_table(["phase", "time", "of the step"],
+                           [[k, f"{v:,.0f} ms", f"{v / whole_ms:.0%}"] for k, v in phases.items()]))
+        print(f"\nTop {args.profile} operators by self CPU time\n")
+        print(format_table(["operator", "self time", "share", "calls"],
+                           [[e["op"], f"{e['self_ms']:,.1f} ms", f"{e['share']:.1%}", e["calls"]]
+                            for e in profiled["top_ops"]]))
 
     gen = [generation_rate(copy.deepcopy(policy), bs, args.prompt_tokens, args.action_tokens, args.device, args.repeats)
            for bs in sorted({1, args.batch})]
@@ -310,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(["what", "rate", "time"], rows))
 
     data = {"config": vars(args), "model_parameters": n_params, "action_tokens": tokens,
-            "etpo_over_supervised_min": overhead, "etpo_over_supervised_paired_median": overhead_paired, "steps": whole, "parts": parts, "generation": gen, "environment": env}
+            "etpo_over_supervised_min": overhead, "etpo_over_supervised_paired_median": overhead_paired, "floor": floor, "profile": profiled, "steps": whole, "parts": parts, "generation": gen, "environment": env}
     if not args.no_write:
         path = write_results("throughput", data, info, "python bench/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]))
         print(f"\nwrote {path}")

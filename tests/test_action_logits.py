@@ -314,3 +314,36 @@ def test_a_critic_without_logits_to_keep_is_sliced_at_the_action():
     grads_want = _grads(module, want)
     got = module.compute_losses(batch)
     _assert_same(got, want, _grads(module, got), grads_want)
+
+
+def test_bootstraps_forward_only_the_rows_that_did_not_terminate():
+    """V(s') enters the targets times (1 - d): only the truncated rows' next observations are
+    forwarded (without the padding columns they all share), and V(s') equals the value of
+    each observation alone; a batch where every row terminated still makes one call per network."""
+    module = _etpo("dueling")
+    batch = _batch(seed=4)
+    live = (~batch.dones.bool()).nonzero().squeeze(-1)
+    assert 0 < len(live) < len(batch)
+    spy, sizes = HeadSpy(module), []
+    handle = module.reference.register_forward_pre_hook(lambda _m, args, kw: sizes.append(tuple(kw["input_ids"].shape)),
+                                                        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            got = module.next_values(batch)
+    finally:
+        handle.remove()
+        spy.close()
+    width = int(batch.next_prompt_mask[live].sum(1).max())
+    assert sizes == [(len(live), width)]
+    for b in range(len(batch)):
+        if batch.dones[b]:
+            assert got[b] == 0
+            continue
+        ids = batch.next_prompt_ids[b][batch.next_prompt_mask[b]][None]
+        with torch.no_grad():
+            want = module.bootstrap_values(ids, torch.ones_like(ids, dtype=torch.bool))
+        torch.testing.assert_close(got[b:b + 1], want, rtol=1e-5, atol=1e-6)
+    done = TransitionBatch(**{**vars(batch), "dones": torch.ones_like(batch.dones)})
+    sizes.clear()
+    with torch.no_grad():
+        assert torch.equal(module.next_values(done), torch.zeros(len(batch)))

@@ -154,8 +154,24 @@ class ETPOModule(TokenRLModule):
         (0 where the episode terminated); the rollout-time values if the batch has no next ids."""
         if batch.next_prompt_ids is None:
             return batch.next_values
-        values = self.bootstrap_values(batch.next_prompt_ids, batch.next_prompt_mask)
+        ids, mask, rows = self.bootstrap_inputs(batch)
+        live = self.bootstrap_values(ids, mask)
+        values = torch.zeros(len(batch), dtype=live.dtype, device=live.device).index_copy(0, rows, live)
         return torch.where(batch.dones.bool(), torch.zeros_like(values), values)
+
+    @staticmethod
+    def bootstrap_inputs(batch: TransitionBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """The next observations whose value the targets use, and their rows ``[B']``: the rows
+        that did not terminate (V(s') enters multiplied by 1 - d), without the left-padding
+        columns they all share. At least one row, so that every rank makes the same forward
+        calls (FSDP)."""
+        rows = (~batch.dones.bool()).nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            rows = rows.new_zeros(1)
+        ids, mask = batch.next_prompt_ids[rows], batch.next_prompt_mask[rows]
+        used = mask.any(0)
+        first = int(used.int().argmax()) if bool(used.any()) else mask.shape[1] - 1
+        return ids[:, first:], mask[:, first:], rows
 
     # ------------------------------------------------- overridable ETPO parts
     def compute_targets(self, values: Tensor, batch: TransitionBatch, q_target_taken: Tensor,
