@@ -43,3 +43,45 @@ def random_transition_batch(vocab_size: int = 64, batch: int = 4, seed: int = 0)
             )
         )
     return TransitionBatch.collate(transitions, pad_token_id=0)
+
+
+def _row_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``model``'s per-position output ``[T, V]`` for one unpadded sequence, called directly."""
+    out = model(input_ids=ids[None])
+    return (out if isinstance(out, torch.Tensor) else out.logits)[0]
+
+
+@torch.no_grad()
+def reference_etpo_losses(policy, critic, target_critic, reference, batch: TransitionBatch, beta: float,
+                          gamma: float) -> dict[str, float]:
+    """The one-step (lam = 0) ETPO losses of the spec, computed independently of the library:
+    row by row on the unpadded sequences (no masks, no position ids, no chunks), in float64,
+    from the networks called directly.
+
+        V(h)  = sum_w pi(w|h) [Q_target(h,w) - beta (log pi(w|h) - log rho(w|h))]
+        y_j   = V(h_{j+1}) inside the action; y_n = r + gamma (1 - d) V(s') at its last token
+        L_Q   = mean over the batch's action tokens of (Q(h_j, w^j) - y_j)^2
+        L_pi  = mean over the batch's action tokens of sum_w pi [beta (log pi - log rho) - Q]
+
+    V(s') is the batch's ``next_values`` (batches without next observation ids). Critics that
+    need rho's logits (the dueling head) are not covered.
+    """
+    q_terms, pi_terms = [], []
+    for b in range(len(batch)):
+        prompt = batch.prompt_ids[b][batch.prompt_mask[b]]
+        action = batch.action_ids[b][batch.action_mask[b]]
+        n, p = action.numel(), prompt.numel()
+        ids = torch.cat([prompt, action[:-1]])
+        rows = slice(p - 1, p - 1 + n)  # the histories h_1..h_n where action tokens are chosen
+        log_pi = torch.log_softmax(_row_logits(policy, ids)[rows].double(), -1)
+        log_rho = torch.log_softmax(_row_logits(reference, ids)[rows].double(), -1)
+        q = _row_logits(critic, ids)[rows].double()
+        q_target = _row_logits(target_critic, ids)[rows].double()
+        pi = log_pi.exp()
+        values = (pi * (q_target - beta * (log_pi - log_rho))).sum(-1)
+        bootstrap = float(batch.rewards[b]) + gamma * (1.0 - float(batch.dones[b])) * float(batch.next_values[b])
+        for j in range(n):
+            y = float(values[j + 1]) if j + 1 < n else bootstrap
+            q_terms.append((float(q[j, action[j]]) - y) ** 2)
+            pi_terms.append(float((pi[j] * (beta * (log_pi[j] - log_rho[j]) - q[j])).sum()))
+    return {"q_loss": sum(q_terms) / len(q_terms), "policy_loss": sum(pi_terms) / len(pi_terms)}

@@ -4,6 +4,7 @@
                       manual optimisation, logging, the hooks subclasses fill in;
 * ``state.py``        what a checkpoint adds to Lightning's: RNG states of every rank;
 * ``distributed.py``  FSDP detection, sharded gradient clipping, generation and root set-up;
+* ``networks.py``     calling networks the module did not build (compiled, wrapped, custom);
 * ``batch.py``        ``Transition`` and ``TransitionBatch``, what rollouts hand to training;
 * ``models.py``       loading causal LMs and tokenizers (and the tiny coder alias).
 """

@@ -34,8 +34,8 @@ from etpo_lightning.core.distributed import (
     summon_own_params,
 )
 from etpo_lightning.core.models import accepts_logits_to_keep, load_causal_lm
+from etpo_lightning.core.networks import accepts_keyword, unwrap_module
 from etpo_lightning.core.state import gather_rng_states, restore_rng_states
-from etpo_lightning.etpo.critic import TokenQCritic
 from etpo_lightning.ppo.losses import token_logprobs
 
 
@@ -175,18 +175,27 @@ class TokenRLModule(pl.LightningModule):
 
         ``keep`` > 0: the outputs at the last ``keep`` positions only, ``[B, keep, ...]``; the
         output head is applied there alone (``logits_to_keep``) when the model accepts it, so
-        no ``[B, T, V]`` tensor is built over the prompt. ``ref_logits`` (rho's logits) or
-        ``ref_probs`` (their softmax, float32) at the same positions as the outputs go to
-        critics that need them (the dueling Q-head)."""
+        no ``[B, T, V]`` tensor is built over the prompt.
+
+        Any module works: it is called with ``input_ids``, ``attention_mask`` and
+        ``position_ids``, plus ``use_cache=False`` only if its ``forward`` takes that argument
+        (Hugging Face models). A module that says ``needs_reference`` (the dueling
+        ``TokenQCritic``) gets rho at the same positions as the outputs: ``ref_probs`` (their
+        softmax, float32) if its forward takes them, else ``ref_logits`` (rho's logits, or the
+        log of ``ref_probs``: the same distribution). Wrappers such as ``torch.compile``'s
+        ``OptimizedModule`` and FSDP are looked through for these tests."""
+        inner = unwrap_module(model)
         kwargs = dict(inputs)
         if keep and accepts_logits_to_keep(model):
             kwargs["logits_to_keep"] = keep
-        if isinstance(model, TokenQCritic):
-            if model.needs_reference:
-                kwargs.update({k: v for k, v in (("ref_logits", ref_logits), ("ref_probs", ref_probs)) if v is not None})
-            out = model(**kwargs)
-        else:
-            out = model(**kwargs, use_cache=False)
+        if getattr(inner, "needs_reference", False):
+            if ref_probs is not None and accepts_keyword(type(inner), "ref_probs"):
+                kwargs["ref_probs"] = ref_probs
+            elif ref_logits is not None or ref_probs is not None:
+                kwargs["ref_logits"] = ref_logits if ref_logits is not None else ref_probs.log()
+        if accepts_keyword(type(inner), "use_cache"):
+            kwargs["use_cache"] = False
+        out = model(**kwargs)
         out = out if isinstance(out, Tensor) else out.logits
         return out[:, -keep:] if keep and out.shape[1] != keep else out
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from etpo_lightning.core.base_module import TokenRLModule, frozen
 from etpo_lightning.core.batch import TransitionBatch
+from etpo_lightning.core.networks import unwrap_module
 from etpo_lightning.etpo.critic import TokenQCritic
 from etpo_lightning.etpo.losses import (
     DEFAULT_CHUNK_SIZE,
@@ -133,8 +134,8 @@ class ETPOModule(TokenRLModule):
     def reference_probs(self, ref_logits: Tensor) -> Tensor | None:
         """rho's probabilities for the critics that take them (the dueling head), computed
         once and shared by the critic and the target critic; None when neither needs them."""
-        critics = (self.critic, self.target_critic)
-        if any(isinstance(c, TokenQCritic) and c.needs_reference for c in critics):
+        critics = (self.critic, self.target_critic)  # compiled / wrapped critics looked through
+        if any(getattr(unwrap_module(c), "needs_reference", False) for c in critics):
             return TokenQCritic.reference_probs(ref_logits)
         return None
 
