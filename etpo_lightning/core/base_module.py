@@ -101,19 +101,78 @@ class TokenRLModule(pl.LightningModule):
         for name, lr in (("policy_lr", policy_lr), ("critic_lr", critic_lr)):
             if lr < 0:
                 raise ValueError(f"{name} must be >= 0, got {name}={lr}")
+        if policy is None and (critic is not None or reference is not None):
+            raise ValueError("pass `policy` too when injecting `critic` or `reference`")
         # Collects the arguments of the whole __init__ chain (the subclass's too).
         self.save_hyperparameters(ignore=["policy", "critic", "reference"])
         self.automatic_optimization = False
-        self.policy: nn.Module | None = None
-        self.critic: nn.Module | None = None
-        self.reference: nn.Module | None = None
         self.nonfinite_steps = 0
-        if policy is not None:
-            self.attach_models(policy, critic, reference)
-        elif critic is not None or reference is not None:
-            raise ValueError("pass `policy` too when injecting `critic` or `reference`")
+        # The networks are NOT built here: a subclass's own attributes (set in its __init__,
+        # before or after this call) do not exist yet, and ``build_critic`` may need them.
+        # ``build_models`` runs on first use (see ``__getattr__``) or in ``configure_model``.
+        # A tuple, not modules, so nothing is registered before the build.
+        self._pending_models: tuple[nn.Module | None, nn.Module | None, nn.Module | None] | None = (
+            policy, critic, reference)
+        self._models_built = False
 
     # ------------------------------------------------------------------ models
+    # Attributes that exist once the networks are built; reading one builds them.
+    model_attributes: tuple[str, ...] = ("policy", "critic", "reference")
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes that are not there: the networks before their build.
+        if name in type(self).model_attributes and self.__dict__.get("_models_built") is False:
+            self.build_models()
+            return getattr(self, name)
+        return super().__getattr__(name)
+
+    @property
+    def models_built(self) -> bool:
+        """Whether the networks exist (``build_models`` has run)."""
+        return bool(self.__dict__.get("_models_built", True))
+
+    def build_models(self) -> None:
+        """Build or attach the networks, once: the injected ones, else the policy loaded from
+        ``model_name_or_path`` (``attach_models`` adds the critic, reference, target...).
+
+        Runs on the first use of a network, of ``parameters()``, ``state_dict()`` or
+        ``load_state_dict()``, and at the latest in ``configure_model``, which Lightning
+        calls at fit start inside the strategy's init context (so FSDP can build sharded
+        models there) and in ``load_from_checkpoint`` before loading the weights. By then the
+        whole ``__init__`` chain has run, so ``build_critic`` may use a subclass's attributes.
+        """
+        if self.__dict__.get("_models_built", True) is not False:
+            return  # built, being built, or a module that predates lazy building
+        self._models_built = None  # building: attribute reads must not re-enter
+        try:
+            policy, critic, reference = self._pending_models
+            if policy is None:
+                policy = load_causal_lm(self.hparams.model_name_or_path)
+            self.attach_models(policy, critic, reference)
+        except BaseException:
+            self._models_built = False
+            raise
+        self._pending_models = None
+        self._models_built = True
+
+    # parameters(), modules(), train(), to() ... go through these; state_dict and
+    # load_state_dict walk ``_modules`` directly.
+    def named_modules(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Module]]:
+        self.build_models()
+        return super().named_modules(*args, **kwargs)
+
+    def named_children(self) -> Iterator[tuple[str, nn.Module]]:
+        self.build_models()
+        return super().named_children()
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self.build_models()
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self.build_models()
+        return super().load_state_dict(*args, **kwargs)
+
     def build_critic(self, policy: nn.Module) -> nn.Module | None:
         """The critic when none is injected (subclasses decide; None: the method has no critic)."""
         raise NotImplementedError
@@ -130,12 +189,11 @@ class TokenRLModule(pl.LightningModule):
         self.critic = critic.train() if critic is not None else None
 
     def configure_model(self) -> None:
-        """Load the policy from ``model_name_or_path`` unless models were injected (idempotent).
+        """Build the networks if nothing has yet (idempotent; see ``build_models``).
 
         Lightning calls this at fit start (and in ``load_from_checkpoint``), inside the
         strategy's init context, so FSDP can build sharded models here."""
-        if self.policy is None:
-            self.attach_models(load_causal_lm(self.hparams.model_name_or_path), None, None)
+        self.build_models()
 
     def frozen_modules(self) -> list[nn.Module]:
         """Networks that are constants of the objective (kept in eval mode)."""

@@ -38,6 +38,8 @@ from etpo_lightning.etpo.losses import DEFAULT_CHUNK_SIZE
 from etpo_lightning.etpo.module import ETPOModule
 
 ADAPTERS = ("policy", "critic", "target_critic")
+_NO_INJECTED_CRITIC = ("LoRAETPOModule builds the critic and the reference from the base model; "
+                       "pass only `policy` (the base)")
 TRAINED = ("policy", "critic")
 
 
@@ -177,6 +179,8 @@ class LoRAETPOModule(ETPOModule):
             Q's output layer is not tied to the base's next-token head.
     """
 
+    model_attributes = (*ETPOModule.model_attributes, "shared_lora")
+
     def __init__(
         self,
         model_name_or_path: str = "tiny-sklearn-coder",
@@ -204,7 +208,8 @@ class LoRAETPOModule(ETPOModule):
             raise ValueError(f"lora_r must be >= 1, got lora_r={lora_r}")
         if critic_head_init != "copy":
             raise ValueError("LoRAETPOModule needs critic_head_init='copy': the critic shares the base's LM head")
-        self.shared_lora: SharedLoRA | None = None
+        if critic is not None or reference is not None:
+            raise ValueError(_NO_INJECTED_CRITIC)
         super().__init__(model_name_or_path, beta, gamma, policy_lr, critic_lr, tau, huber_delta, gradient_clip_val,
                          optimizer, weight_decay, critic_head_init, chunk_size=chunk_size, policy=policy,
                          critic=critic, reference=reference)
@@ -212,8 +217,7 @@ class LoRAETPOModule(ETPOModule):
     def attach_models(self, policy: nn.Module, critic: nn.Module | None, reference: nn.Module | None) -> None:
         """Wrap the base ``policy`` with the three adapters and build the four views."""
         if critic is not None or reference is not None:
-            raise ValueError("LoRAETPOModule builds the critic and the reference from the base model; "
-                             "pass only `policy` (the base)")
+            raise ValueError(_NO_INJECTED_CRITIC)
         try:
             from peft import LoraConfig, get_peft_model
         except ImportError as err:  # optional dependency

@@ -80,6 +80,7 @@ class ETPOModule(TokenRLModule):
     # policy (``next_values``), never taken from rollout time: replayed for many batches, a
     # stored value would be a different function from the one used inside the action.
     bootstraps_at_rollout = False
+    model_attributes = (*TokenRLModule.model_attributes, "target_critic")
 
     def __init__(
         self,
@@ -114,7 +115,6 @@ class ETPOModule(TokenRLModule):
             raise ValueError(f"critic_advantage_scale must be > 0, got {critic_advantage_scale}")
         if not 0 <= lam <= 1:
             raise ValueError(f"lam must be in [0, 1] (the lambda of ETPO(lambda)), got lam={lam}")
-        self.target_critic: nn.Module | None = None
         super().__init__(model_name_or_path, policy_lr, critic_lr, gradient_clip_val, optimizer,
                          weight_decay, chunk_size, policy, critic, reference)
 
