@@ -8,6 +8,15 @@ summed losses, per-optimizer gradient clipping and a guard against non-finite lo
 has none: ``build_critic`` returns None and only the policy's optimizer exists), which losses to minimise
 (``compute_losses``), what to do after the optimizer steps (``after_optimizer_steps``)
 and the value of an observation used to bootstrap (``bootstrap_values``).
+
+Networks are built lazily (``build_models``): on first use or in ``configure_model``,
+never in ``__init__``, so ``build_critic`` may use attributes a subclass sets in its own
+``__init__``. A checkpoint of a module whose networks were injected (``policy=``,
+``critic=``, ``reference=``) holds their weights, not their architectures:
+``load_from_checkpoint(path)`` raises a ``ValueError`` naming the injected networks and
+their classes (it never loads ``model_name_or_path`` instead);
+``load_from_checkpoint(path, policy=..., critic=...)`` with networks of the same
+architectures restores the weights.
 """
 
 from __future__ import annotations
@@ -34,7 +43,13 @@ from etpo_lightning.core.distributed import (
     summon_own_params,
 )
 from etpo_lightning.core.models import accepts_logits_to_keep, load_causal_lm
-from etpo_lightning.core.networks import accepts_keyword, unwrap_module
+from etpo_lightning.core.networks import (
+    INJECTED_MARKER,
+    accepts_keyword,
+    injected_message,
+    refuse_checkpoint_markers,
+    unwrap_module,
+)
 from etpo_lightning.core.state import gather_rng_states, restore_rng_states
 from etpo_lightning.ppo.losses import token_logprobs
 
@@ -101,8 +116,13 @@ class TokenRLModule(pl.LightningModule):
         for name, lr in (("policy_lr", policy_lr), ("critic_lr", critic_lr)):
             if lr < 0:
                 raise ValueError(f"{name} must be >= 0, got {name}={lr}")
+        networks = {"policy": policy, "critic": critic, "reference": reference}
+        refuse_checkpoint_markers(type(self).__name__, networks)
         if policy is None and (critic is not None or reference is not None):
             raise ValueError("pass `policy` too when injecting `critic` or `reference`")
+        # The class of each injected network, recorded in checkpoints (``on_save_checkpoint``).
+        self._injected_networks = {name: type(unwrap_module(net)).__name__
+                                   for name, net in networks.items() if net is not None}
         # Collects the arguments of the whole __init__ chain (the subclass's too).
         self.save_hyperparameters(ignore=["policy", "critic", "reference"])
         self.automatic_optimization = False
@@ -433,6 +453,14 @@ class TokenRLModule(pl.LightningModule):
         hook on every rank (only rank 0 writes), so the states are gathered here.
         """
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
+        injected = dict(self.__dict__.get("_injected_networks") or {})
+        checkpoint["injected_networks"] = injected
+        # load_from_checkpoint passes these hyperparameters back to __init__, where the
+        # markers stop it (before any default model is loaded) unless the caller passes the
+        # networks again (``load_from_checkpoint(path, policy=..., critic=...)``).
+        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if isinstance(hparams, dict):
+            hparams.update({name: f"{INJECTED_MARKER}{cls}>" for name, cls in injected.items()})
         checkpoint["rng_states"] = gather_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -443,6 +471,11 @@ class TokenRLModule(pl.LightningModule):
         rank r mod n, and ranks beyond the saved ones are re-seeded from them plus their rank,
         so that ranks never sample identically.
         """
+        saved = checkpoint.get("injected_networks") or {}
+        missing = {name: cls for name, cls in saved.items()
+                   if name not in (self.__dict__.get("_injected_networks") or {})}
+        if missing:
+            raise ValueError(injected_message(type(self).__name__, missing))
         self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
         states = checkpoint.get("rng_states")
         if not states or self._trainer is None:
