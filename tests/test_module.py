@@ -258,3 +258,48 @@ def test_failed_episodes_do_not_push_the_target_off_what_rho_writes(tmp_path, he
         assert target_taken.mean() < 0.65 * rho_taken.mean()
     else:
         assert target_taken.mean() > 0.72 * rho_taken.mean()
+
+
+def test_policy_loss_gets_a_detached_q_so_the_critic_learns_only_from_its_own_loss():
+    """A subclass whose policy loss uses Q non-trivially (Q squared, Q weighting log pi) must
+    not train the critic through it: with the critic loss switched off, the critic gets no
+    gradient at all, while the policy does."""
+    seen = {}
+
+    class QHungryETPO(ETPOModule):
+        def compute_policy_loss(self, policy_logits, ref_logits, q, batch):
+            seen["requires_grad"] = q.requires_grad
+            mask = batch.action_mask.float()
+            per_token = (q.softmax(-1) * policy_logits.log_softmax(-1)).sum(-1) + q.pow(2).mean(-1)
+            return (per_token * mask).sum() / mask.sum()
+
+        def compute_q_loss(self, q_taken, targets, batch):
+            return 0.0 * q_taken.sum()
+
+    module = QHungryETPO(policy=tiny_llama(VOCAB), beta=0.1)
+    out = module.compute_losses(random_transition_batch(VOCAB))
+    (out["policy_loss"] + out["q_loss"]).backward()
+    assert seen["requires_grad"] is False
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in module.critic.parameters())
+    assert any(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in module.policy.parameters())
+
+
+def test_max_steps_counts_batches_whatever_the_number_of_optimizers(tmp_path):
+    """``optimizer_steps_per_batch`` follows the optimizers the module configures: a subclass
+    with ONE optimizer over policy and critic steps once per batch, so max_steps=3 is 3 batches."""
+
+    class OneOptimizerETPO(ETPOModule):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(list(self.policy.parameters()) + list(self.critic.parameters()), lr=1e-3)
+
+    module = OneOptimizerETPO(policy=tiny_llama(VOCAB), beta=0.1)
+    trainer = _trainer(tmp_path, max_steps=3)
+    trainer.fit(module, _loader(random_transition_batch(VOCAB), 10))
+    assert module.optimizer_steps_per_batch == 1
+    assert trainer.fit_loop.epoch_loop._batches_that_stepped == 3 and trainer.global_step == 3
+
+    class TwiceETPO(ETPOModule):  # a subclass may still say it itself
+        optimizer_steps_per_batch = 2
+
+    assert TwiceETPO(policy=tiny_llama(VOCAB), beta=0.1).optimizer_steps_per_batch == 2
+    assert _module().optimizer_steps_per_batch == 2  # default: one step per optimizer (policy, critic)

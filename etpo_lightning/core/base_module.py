@@ -87,8 +87,6 @@ for _name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utiliti
 class TokenRLModule(pl.LightningModule):
     """Base class; see the subclasses for the algorithms and their arguments."""
 
-    # Optimizer steps per training batch (one per optimizer: 2 with a critic, 1 without).
-    optimizer_steps_per_batch = 2
     # Whether the datamodule stores V(s_{t+1}) from ``bootstrap_values`` at rollout time
     # (``next_values``); modules that evaluate bootstraps when training (ETPO) say False.
     bootstraps_at_rollout = True
@@ -134,6 +132,22 @@ class TokenRLModule(pl.LightningModule):
         self._pending_models: tuple[nn.Module | None, nn.Module | None, nn.Module | None] | None = (
             policy, critic, reference)
         self._models_built = False
+
+    @property
+    def optimizer_steps_per_batch(self) -> int:
+        """Optimizer steps Lightning counts per training batch, by which ``on_fit_start``
+        scales ``Trainer(max_steps=N)`` so that N means batches.
+
+        ``training_step`` steps every configured optimizer once, so this is the number of
+        optimizers once fit has set them up (2 with a critic, 1 without; also for a subclass
+        that configures its own), and before that 2 with a critic, 1 without. A subclass
+        that steps differently (e.g. several critic steps per batch) overrides it with a
+        class attribute or a property.
+        """
+        trainer = self._trainer
+        if trainer is not None and trainer.optimizers:
+            return len(trainer.optimizers)
+        return 1 if self.critic is None else 2
 
     # ------------------------------------------------------------------ models
     # Attributes that exist once the networks are built; reading one builds them.

@@ -194,7 +194,10 @@ class ETPOModule(TokenRLModule):
         )
 
     def compute_policy_loss(self, policy_logits: Tensor, ref_logits: Tensor, q: Tensor, batch: TransitionBatch) -> Tensor:
-        """The policy loss (override to change it); ``q`` is the online critic's Q, detached inside."""
+        """The policy loss (override to change it).
+
+        ``q`` is the online critic's Q ``[B, L, V]``, detached: the critic learns only from
+        ``compute_q_loss``, whatever a subclass does with Q here."""
         return policy_loss(policy_logits, ref_logits, q, batch.action_mask, self.hparams.beta, self.hparams.chunk_size)
 
     def compute_q_loss(self, q_taken: Tensor, targets: Tensor, batch: TransitionBatch) -> Tensor:
@@ -234,7 +237,7 @@ class ETPOModule(TokenRLModule):
         q_taken = q.gather(-1, taken).squeeze(-1)
         out = {
             "q_loss": self.compute_q_loss(q_taken, targets, batch),
-            "policy_loss": self.compute_policy_loss(policy_logits, ref_logits, q, batch),
+            "policy_loss": self.compute_policy_loss(policy_logits, ref_logits, q.detach(), batch),
         }
         with torch.no_grad():
             mask = batch.action_mask.float()

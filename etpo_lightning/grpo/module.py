@@ -66,7 +66,6 @@ class GRPOModule(TokenRLModule):
         reference: An already built reference policy; default a frozen copy of the policy.
     """
 
-    optimizer_steps_per_batch = 1
     bootstraps_at_rollout = False  # no values: nothing to evaluate at rollout time
     kl_coef_hparam = "beta"
 
