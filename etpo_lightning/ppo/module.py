@@ -96,10 +96,10 @@ class PPOModule(TokenRLModule):
     without ``old_logprobs`` is treated as fresh: pi_old is the current policy (detached),
     every ratio is 1 and the step is a plain advantage-weighted policy gradient.
 
-    Advantages use the critic's values at the time of the step (the batch holds no
-    rollout-time values); if a batch carries an ``old_values`` tensor ``[B, L]`` they are
-    used instead, for the advantages and as the centre of ``value_clip``. Without them
-    value clipping has nothing to clip against and is skipped.
+    Advantages use the critic's values at the time of the step: batches hold no
+    rollout-time values. For the same reason there is no value clipping (PPO2's clip of
+    V around the rollout-time V_old): with no V_old it has no centre. The pure
+    ``ppo_losses.value_loss`` still offers it for callers that have V_old.
 
     Per token j of an action of n tokens, with c = 1 (``token_discount="none"``) or gamma:
         r_j   = -beta_kl (log pi_old(w_j|h_j) - log rho(w_j|h_j)) + [j = n-1] r
@@ -117,8 +117,6 @@ class PPOModule(TokenRLModule):
         lam: GAE lambda, in [0, 1] (0: one-step TD advantages, 1: Monte-Carlo returns).
         clip_ratio: PPO's epsilon: ratios outside [1 - eps, 1 + eps] stop contributing
             gradient in the direction that moves them further; > 0.
-        value_clip: Clip of the value change around the batch's ``old_values`` (PPO's value
-            clipping); None disables it. Needs batches that carry ``old_values``.
         policy_lr: Learning rate of the policy optimizer.
         critic_lr: Learning rate of the critic optimizer.
         gradient_clip_val: Max gradient norm, applied to each optimizer's parameters
@@ -148,7 +146,6 @@ class PPOModule(TokenRLModule):
         gamma: float = 0.99,
         lam: float = 0.95,
         clip_ratio: float = 0.2,
-        value_clip: float | None = None,
         policy_lr: float = 1e-5,
         critic_lr: float = 1e-5,
         gradient_clip_val: float | None = 1.0,
@@ -169,8 +166,6 @@ class PPOModule(TokenRLModule):
             raise ValueError(f"lam must be in [0, 1], got lam={lam}")
         if not clip_ratio > 0:
             raise ValueError(f"clip_ratio must be > 0, got clip_ratio={clip_ratio}")
-        if value_clip is not None and not value_clip > 0:
-            raise ValueError(f"value_clip must be > 0 or None, got value_clip={value_clip}")
         if token_discount not in ("none", "gamma"):
             raise ValueError(f"token_discount must be 'none' or 'gamma', got {token_discount!r}")
         super().__init__(model_name_or_path, policy_lr, critic_lr, gradient_clip_val, optimizer,
@@ -203,10 +198,9 @@ class PPOModule(TokenRLModule):
         """The clipped surrogate (override to change it)."""
         return clipped_policy_loss(logprobs, old_logprobs, advantages, batch.action_mask, self.hparams.clip_ratio)
 
-    def compute_value_loss(self, values: Tensor, returns: Tensor, old_values: Tensor | None,
-                           batch: TransitionBatch) -> Tensor:
+    def compute_value_loss(self, values: Tensor, returns: Tensor, batch: TransitionBatch) -> Tensor:
         """The critic loss (override to change it)."""
-        return value_loss(values, returns, batch.action_mask, old_values, self.hparams.value_clip)
+        return value_loss(values, returns, batch.action_mask)
 
     # ------------------------------------------------------------ training
     def compute_losses(self, batch: TransitionBatch) -> dict[str, Tensor]:
@@ -220,14 +214,11 @@ class PPOModule(TokenRLModule):
             ref_logprobs = token_logprobs(ref_logits, batch.action_ids)
             old_logprobs = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
             rewards = token_rewards(old_logprobs, ref_logprobs, batch.rewards, mask, hp.beta_kl)
-            old_values = getattr(batch, "old_values", None)
-            advantages, returns = self.compute_advantages(
-                old_values if old_values is not None else values.detach(), rewards, batch
-            )
+            advantages, returns = self.compute_advantages(values.detach(), rewards, batch)
             used = whiten(advantages, mask) if hp.normalize_advantages else advantages
         out = {
             "policy_loss": self.compute_policy_loss(logprobs, old_logprobs, used, batch),
-            "value_loss": self.compute_value_loss(values, returns, old_values, batch),
+            "value_loss": self.compute_value_loss(values, returns, batch),
         }
         with torch.no_grad():
             kl, entropy = kl_and_entropy(policy_logits.detach(), ref_logits, hp.chunk_size)
