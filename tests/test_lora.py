@@ -148,3 +148,38 @@ def test_lora_module_refuses_injected_critic() -> None:
         LoRAETPOModule(policy=tiny_llama(VOCAB), critic=tiny_llama(VOCAB))
     with pytest.raises(ValueError, match="critic_head_init='copy'"):
         LoRAETPOModule(policy=tiny_llama(VOCAB), critic_head_init="zero")
+
+
+def test_lora_module_passes_every_etpo_argument_through() -> None:
+    """critic_advantage_scale, lam and traces reach ETPOModule: they are hyperparameters,
+    validated there, and lam shapes the critic's targets (ETPO(lambda) on the adapters)."""
+    from etpo_lightning.losses import soft_lambda_targets, soft_values
+
+    module = LoRAETPOModule(policy=tiny_llama(VOCAB), beta=0.1, gamma=0.9, lora_r=4,
+                            critic_advantage_scale=0.5, lam=0.9, traces=True)
+    assert (module.hparams.critic_advantage_scale, module.hparams.lam, module.hparams.traces) == (0.5, 0.9, True)
+    with pytest.raises(ValueError, match="critic_advantage_scale"):
+        LoRAETPOModule(policy=tiny_llama(VOCAB), critic_advantage_scale=0.0)
+    with pytest.raises(ValueError, match="lam must be in"):
+        LoRAETPOModule(policy=tiny_llama(VOCAB), lam=1.5)
+    with torch.no_grad():  # a critic adapter that is not the identity, so targets depend on lam
+        for p in module.critic.parameters():
+            p.normal_(0, 0.3)
+        for t, c in zip(module.target_critic.parameters(), module.critic.parameters()):
+            t.copy_(c)
+    batch = random_transition_batch(VOCAB)
+    with torch.no_grad():
+        out = module.compute_losses(batch)
+        pi, rho = module.action_outputs(module.policy, batch), module.action_outputs(module.reference, batch)
+        qt = module.action_outputs(module.target_critic, batch)
+        values = soft_values(qt, pi, rho, 0.1)
+        taken = qt.gather(-1, batch.action_ids[..., None]).squeeze(-1)
+        mask = batch.action_mask.float()
+
+        def mean_target(lam: float) -> float:
+            g = soft_lambda_targets(taken, values, batch.action_mask, batch.rewards, batch.dones, batch.next_values,
+                                    0.9, lam, None)  # no behaviour log-probs in this batch: no traces
+            return float((g * mask).sum() / mask.sum())
+
+    assert out["target"].item() == pytest.approx(mean_target(0.9), rel=1e-5)
+    assert abs(mean_target(0.9) - mean_target(0.0)) > 1e-3

@@ -166,8 +166,11 @@ class AdapterView(nn.Module):
 class LoRAETPOModule(ETPOModule):
     """ETPO with policy, critic and target critic as LoRA adapters on one frozen base model.
 
-    The arguments are ``ETPOModule``'s (``policy`` is the base model to adapt, if injected;
-    ``critic`` and ``reference`` cannot be injected: they are built from the base) plus:
+    The arguments are ``ETPOModule``'s, all passed through (``lam``/``traces`` give
+    ETPO(lambda) on the adapters; ``critic_advantage_scale`` only matters for the dueling
+    head, which the shared LM head rules out here; ``policy`` is the base model to adapt, if
+    injected; ``critic`` and ``reference`` cannot be injected: they are built from the
+    base) plus:
 
     Args:
         lora_r: Rank of every adapter.
@@ -194,6 +197,9 @@ class LoRAETPOModule(ETPOModule):
         optimizer: str = "torch.optim.AdamW",
         weight_decay: float = 0.0,
         critic_head_init: Literal["copy", "zero"] = "copy",
+        critic_advantage_scale: float = 1.0,
+        lam: float = 0.0,
+        traces: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         lora_r: int = 8,
         lora_alpha: int = 16,
@@ -210,9 +216,11 @@ class LoRAETPOModule(ETPOModule):
             raise ValueError("LoRAETPOModule needs critic_head_init='copy': the critic shares the base's LM head")
         if critic is not None or reference is not None:
             raise ValueError(_NO_INJECTED_CRITIC)
-        super().__init__(model_name_or_path, beta, gamma, policy_lr, critic_lr, tau, huber_delta, gradient_clip_val,
-                         optimizer, weight_decay, critic_head_init, chunk_size=chunk_size, policy=policy,
-                         critic=critic, reference=reference)
+        super().__init__(model_name_or_path=model_name_or_path, beta=beta, gamma=gamma, policy_lr=policy_lr,
+                         critic_lr=critic_lr, tau=tau, huber_delta=huber_delta, gradient_clip_val=gradient_clip_val,
+                         optimizer=optimizer, weight_decay=weight_decay, critic_head_init=critic_head_init,
+                         critic_advantage_scale=critic_advantage_scale, lam=lam, traces=traces,
+                         chunk_size=chunk_size, policy=policy, critic=critic, reference=reference)
 
     def attach_models(self, policy: nn.Module, critic: nn.Module | None, reference: nn.Module | None) -> None:
         """Wrap the base ``policy`` with the three adapters and build the four views."""
