@@ -34,9 +34,13 @@ class KLMonitor(pl.Callback):
     policy's perplexity on a held-out corpus (``monitor/perplexity``, torchmetrics).
 
     When ``kl_threshold`` is set and the KL passes it, ``on_threshold`` decides: ``warn``;
-    ``stop`` (ends fit); ``adapt_beta`` (multiplies the module's ``beta`` by
+    ``stop`` (ends fit); ``adapt_beta`` (multiplies the module's KL coefficient
+    ``kl_coef``, the ``beta`` or ``beta_kl`` the losses use, by
     ``1 + adapt_rate * clip(KL / target_kl - 1, -0.2, 0.2)`` after every collection, the
-    adaptive KL controller of RLHF, steering KL towards ``target_kl``).
+    adaptive KL controller of RLHF, steering KL towards ``target_kl``). The module's
+    hyperparameters are never changed: they keep the initial value the run was configured
+    with; the adapted one is logged as ``monitor/beta`` and saved in checkpoints (the
+    module's and this callback's state).
 
     Args:
         heldout_path: ``.jsonl`` held-out texts; default the ``heldout.jsonl`` saved next to
@@ -129,7 +133,7 @@ class KLMonitor(pl.Callback):
     # ----------------------------------------------------------------- hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.beta is not None:  # resumed with an adapted beta
-            pl_module.hparams[self._coef(pl_module)] = self.beta
+            pl_module.kl_coef = self.beta
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         dm = trainer.datamodule
@@ -140,23 +144,17 @@ class KLMonitor(pl.Callback):
         self.last = {"monitor/kl": kl, "monitor/entropy": entropy,
                      "monitor/perplexity": self.heldout_perplexity(pl_module, dm.tokenizer)}
         self._guard(trainer, pl_module, kl)
-        self.last["monitor/beta"] = float(pl_module.hparams[self._coef(pl_module)])
+        self.last["monitor/beta"] = float(pl_module.kl_coef)
         self.history.append(dict(self.last, collection=float(dm.collections)))
         pl_module.log_dict(self.last, prog_bar=False)
-
-    @staticmethod
-    def _coef(pl_module: pl.LightningModule) -> str:
-        """Name of the module's KL coefficient (``beta`` for ETPO, ``beta_kl`` for PPO)."""
-        return getattr(pl_module, "kl_coef_hparam", "beta")
 
     def _guard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, kl: float) -> None:
         if self.kl_threshold is None:
             return
         if self.on_threshold == "adapt_beta":
             error = max(-0.2, min(0.2, kl / self.target_kl - 1.0))
-            coef = self._coef(pl_module)
-            pl_module.hparams[coef] = float(pl_module.hparams[coef]) * (1.0 + self.adapt_rate * error)
-            self.beta = pl_module.hparams[coef]
+            pl_module.kl_coef = float(pl_module.kl_coef) * (1.0 + self.adapt_rate * error)
+            self.beta = pl_module.kl_coef
         elif kl > self.kl_threshold:
             message = f"KL(pi||rho) = {kl:.4f} nats/token passed kl_threshold={self.kl_threshold}"
             if self.on_threshold == "stop":

@@ -1,6 +1,5 @@
 """RolloutDataModule end to end: a real tiny Llama, a real BPE tokenizer, the toy environment."""
 
-import math
 
 import pandas as pd
 import pytest
@@ -88,11 +87,35 @@ def test_collect_shapes_chain_and_logprobs(tokenizer):
     assert stats["rollout/reward_max"] == max(t.reward for t in transitions)
 
 
+def _processed_logprobs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """log of the sampling distribution, by hand in float64, as the spec of ``generate``'s
+    processing says: logits / T, then all but the k largest removed, then the smallest set of
+    the largest probabilities whose sum reaches p kept (ascending cumulative sum <= 1 - p
+    removed, the most likely token always kept), renormalised."""
+    scaled = logits.double() / temperature
+    if top_k:
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1.0:
+        probs = torch.softmax(scaled, -1)
+        out = torch.full_like(scaled, float("-inf"))
+        for row in range(scaled.shape[0]):
+            order = sorted(range(scaled.shape[1]), key=lambda w: float(probs[row, w]))  # ascending
+            below = 0.0
+            for rank, w in enumerate(order):
+                below += float(probs[row, w])
+                if below > 1.0 - top_p or rank == len(order) - 1:
+                    out[row, w] = scaled[row, w]
+        scaled = out
+    return torch.log_softmax(scaled, -1)
+
+
 def test_behaviour_logprobs_are_those_of_the_processed_sampling_distribution(tokenizer):
-    """Temperature 0.5 and top-k 7: the stored log mu of every sampled token equals an
-    independent computation (eval-mode logits / T, all but the 7 largest removed, log-softmax),
-    and differs from the raw policy's log-probability (what was stored before)."""
-    module, dm = _setup(tokenizer, temperature=0.5, top_k=7, top_p=1.0)
+    """Temperature 0.5, top-k 7, top-p 0.8: the stored log mu of every sampled token equals an
+    independent float64 computation from the policy's raw eval-mode logits (above), and
+    differs both from the raw policy's log-probability and from the same processing
+    without top-p (so each step of the processing is checked)."""
+    module, dm = _setup(tokenizer, temperature=0.5, top_k=7, top_p=0.8)
     module.policy.train()  # the collector must switch dropout off itself
     try:
         transitions = dm.collect(module)
@@ -100,20 +123,20 @@ def test_behaviour_logprobs_are_those_of_the_processed_sampling_distribution(tok
         dm.teardown("fit")
     assert module.policy.training  # and restore the mode
     policy = module.policy.eval()
-    raw_gap = 0.0
+    raw_gap = top_p_gap = 0.0
     for t in transitions:
         ids = torch.cat([t.prompt_ids, t.action_ids])[None]
         with torch.no_grad():
-            logits = policy(input_ids=ids).logits[0, t.prompt_ids.numel() - 1: -1].double()
-        scaled = logits / 0.5
-        kth = scaled.topk(7, dim=-1).values[:, -1:]
-        processed = scaled.masked_fill(scaled < kth, float("-inf"))
-        want = torch.log_softmax(processed, -1).gather(-1, t.action_ids[:, None]).squeeze(-1)
-        assert torch.isfinite(want).all()  # a sampled token is always inside the top k
-        torch.testing.assert_close(t.logprobs.double(), want, atol=1e-4, rtol=0)
-        raw = torch.log_softmax(logits, -1).gather(-1, t.action_ids[:, None]).squeeze(-1)
+            logits = policy(input_ids=ids).logits[0, t.prompt_ids.numel() - 1: -1]
+        taken = t.action_ids[:, None]
+        want = _processed_logprobs(logits, 0.5, 7, 0.8).gather(-1, taken).squeeze(-1)
+        assert torch.isfinite(want).all()  # a sampled token is always inside the kept set
+        torch.testing.assert_close(t.logprobs.double(), want, atol=1e-5, rtol=0)
+        raw = torch.log_softmax(logits.double(), -1).gather(-1, taken).squeeze(-1)
+        no_top_p = _processed_logprobs(logits, 0.5, 7, 1.0).gather(-1, taken).squeeze(-1)
         raw_gap = max(raw_gap, (raw - want).abs().max().item())
-    assert raw_gap > 0.05
+        top_p_gap = max(top_p_gap, (no_top_p - want).abs().max().item())
+    assert raw_gap > 0.05 and top_p_gap > 0.01
 
 
 def test_prompt_truncation_keeps_the_end(tokenizer):
@@ -131,34 +154,68 @@ def test_batch_size_larger_than_rollout_is_refused(tokenizer):
         RolloutDataModule(env=KeywordEnv(), tokenizer=tokenizer, num_envs=2, rollout_steps=2, batch_size=10)
 
 
+def _exact_kl(policy, reference, transitions) -> float:
+    """Mean per-token KL(pi || rho) over the transitions' action tokens, by hand in float64:
+    each transition alone (no padding), both networks called directly."""
+    total, tokens = 0.0, 0
+    for t in transitions:
+        ids = torch.cat([t.prompt_ids, t.action_ids[:-1]])[None]
+        rows = slice(t.prompt_ids.numel() - 1, None)
+        with torch.no_grad():
+            log_pi = torch.log_softmax(policy(input_ids=ids).logits[0, rows].double(), -1)
+            log_rho = torch.log_softmax(reference(input_ids=ids).logits[0, rows].double(), -1)
+        total += float((log_pi.exp() * (log_pi - log_rho)).sum())
+        tokens += t.action_ids.numel()
+    return total / tokens
+
+
 def test_trainer_fit_on_toy_env_logs_rollout_metrics(tokenizer, tmp_path):
     module, dm = _setup(tokenizer, rollout_steps=1, batches_per_epoch=10)
-    refresh, monitor = RolloutRefresh(every_n_steps=2), KLMonitor()
-    trainer = pl.Trainer(max_steps=6, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=1,
+    refresh = RolloutRefresh(every_n_steps=2)
+    monitor = KLMonitor(kl_threshold=1e-4, on_threshold="adapt_beta", adapt_rate=0.5)
+    trainer = pl.Trainer(max_steps=5, accelerator="cpu", logger=CSVLogger(tmp_path), log_every_n_steps=1,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[refresh, monitor])
     trainer.fit(module, datamodule=dm)
-    # 6 batches with a fresh collection every 2 (the first before batch 1): 3 collections.
+    # 5 batches with a fresh collection every 2 (the first before batch 1): before batches 1, 3, 5.
     assert dm.collections == 3 and dm.env_steps == 9
     df = pd.read_csv(next(tmp_path.rglob("metrics.csv")))
     for key in ["rollout/reward_mean", "rollout/success_rate", "rollout/error_rate", "train/q_loss", "monitor/kl"]:
         assert df[key].notna().any(), key
     rewards = df["rollout/reward_mean"].dropna()
     assert ((rewards >= 0) & (rewards <= 1)).all()  # KeywordEnv's rewards lie in [0, 1]
-    # The monitor evaluated each collection once; its KL is >= 0 and reached the logs.
+    # The monitor evaluated each collection once, at the end of batches 1, 3 and 5; the last
+    # evaluation saw the final policy, so its KL is exactly that of the final networks.
     assert [h["collection"] for h in monitor.history] == [1.0, 2.0, 3.0]
     kl = df["monitor/kl"].dropna()
-    assert (kl >= 0).all() and math.isfinite(kl.iloc[-1])
     assert kl.iloc[-1] == pytest.approx(monitor.history[-1]["monitor/kl"], rel=1e-6)
-    # Recompute the last collection's KL independently with the final policy.
     last = dm.replay[-1]
-    batch = TransitionBatch.collate(last, tokenizer.pad_token_id)
-    from etpo_lightning.losses import kl_and_entropy
+    independent = _exact_kl(module.policy, module.reference, last)
+    assert independent > 1e-4  # the policy did move: a wrong KL cannot hide behind 0
+    assert monitor.history[-1]["monitor/kl"] == pytest.approx(independent, rel=1e-5, abs=1e-7)
+    # adapt_beta steered the module's KL coefficient, by hand: beta_k+1 = beta_k (1 + rate
+    # clip(KL_k / target - 1, -0.2, 0.2)) after each collection; hparams are left as given.
+    beta = 0.1
+    for h in monitor.history:
+        beta *= 1.0 + 0.5 * max(-0.2, min(0.2, h["monitor/kl"] / 1e-4 - 1.0))
+        assert h["monitor/beta"] == pytest.approx(beta, rel=1e-9)
+    assert module.kl_coef == pytest.approx(beta, rel=1e-9) and beta != pytest.approx(0.1)
+    assert module.hparams.beta == 0.1 and monitor.beta == module.kl_coef
+    # ... and the losses use the adapted coefficient.
+    from etpo_lightning.losses import policy_loss
 
-    kl_tok, _ = kl_and_entropy(module.action_outputs(module.policy, batch), module.action_outputs(module.reference, batch))
-    independent = float((kl_tok * batch.action_mask).sum() / batch.action_mask.sum())
-    # The monitor ran one update before the end; the KL can only have moved a little.
-    assert independent == pytest.approx(monitor.history[-1]["monitor/kl"], abs=0.05)
+    batch = TransitionBatch.collate(last, tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = module.compute_losses(batch)
+        pi, rho, q = (module.action_outputs(m, batch) for m in (module.policy, module.reference, module.critic))
+    assert out["policy_loss"].item() == pytest.approx(policy_loss(pi, rho, q, batch.action_mask, beta).item(), rel=1e-6)
+    assert out["policy_loss"].item() != pytest.approx(policy_loss(pi, rho, q, batch.action_mask, 0.1).item(), rel=1e-6)
+    # The adapted coefficient travels with the module's checkpoint.
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    fresh, _ = _setup(tokenizer)
+    fresh.on_load_checkpoint(checkpoint)
+    assert fresh.kl_coef == module.kl_coef and fresh.hparams.beta == 0.1
     # The datamodule's state round-trips.
     state = dm.state_dict()
     _, dm2 = _setup(tokenizer, rollout_steps=1)

@@ -90,7 +90,7 @@ class TokenRLModule(pl.LightningModule):
     # Whether the datamodule stores V(s_{t+1}) from ``bootstrap_values`` at rollout time
     # (``next_values``); modules that evaluate bootstraps when training (ETPO) say False.
     bootstraps_at_rollout = True
-    # The hyperparameter weighting KL(pi || rho) in the objective (KLMonitor adapts it).
+    # The hyperparameter weighting KL(pi || rho) in the objective: the initial ``kl_coef``.
     kl_coef_hparam = "beta"
     # Shown in the progress bar; everything else goes to the loggers only.
     progress_bar_metrics = ("train/kl", "rollout/reward_mean")
@@ -125,6 +125,10 @@ class TokenRLModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["policy", "critic", "reference"])
         self.automatic_optimization = False
         self.nonfinite_steps = 0
+        # The KL coefficient the losses use: starts at the hyperparameter ``kl_coef_hparam``;
+        # KLMonitor(on_threshold="adapt_beta") adapts it. The hyperparameters stay as given;
+        # the current value travels in the checkpoint (``on_save_checkpoint``).
+        self.kl_coef = float(self.hparams[self.kl_coef_hparam])
         # The networks are NOT built here: a subclass's own attributes (set in its __init__,
         # before or after this call) do not exist yet, and ``build_critic`` may need them.
         # ``build_models`` runs on first use (see ``__getattr__``) or in ``configure_model``.
@@ -467,6 +471,7 @@ class TokenRLModule(pl.LightningModule):
         hook on every rank (only rank 0 writes), so the states are gathered here.
         """
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
+        checkpoint["kl_coef"] = self.kl_coef
         injected = dict(self.__dict__.get("_injected_networks") or {})
         checkpoint["injected_networks"] = injected
         # load_from_checkpoint passes these hyperparameters back to __init__, where the
@@ -491,6 +496,9 @@ class TokenRLModule(pl.LightningModule):
         if missing:
             raise ValueError(injected_message(type(self).__name__, missing))
         self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
+        # An older checkpoint's adapted coefficient is the one in its hyperparameters.
+        self.kl_coef = float(checkpoint.get("kl_coef", checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY, {}).get(
+            self.kl_coef_hparam, self.kl_coef)))
         states = checkpoint.get("rng_states")
         if not states or self._trainer is None:
             return  # load_from_checkpoint for inference: leave the caller's RNG alone

@@ -147,7 +147,7 @@ class ETPOModule(TokenRLModule):
         rho = self.prompt_outputs(self.reference, prompt_ids, prompt_mask)
         q = self.prompt_outputs(self.target_critic, prompt_ids, prompt_mask, ref_probs=self.reference_probs(rho[:, None]))
         pi = self.prompt_outputs(self.policy, prompt_ids, prompt_mask)
-        return soft_values(q, pi, rho, self.hparams.beta, self.hparams.chunk_size)
+        return soft_values(q, pi, rho, self.kl_coef, self.hparams.chunk_size)
 
     @torch.no_grad()
     def next_values(self, batch: TransitionBatch) -> Tensor:
@@ -198,7 +198,7 @@ class ETPOModule(TokenRLModule):
 
         ``q`` is the online critic's Q ``[B, L, V]``, detached: the critic learns only from
         ``compute_q_loss``, whatever a subclass does with Q here."""
-        return policy_loss(policy_logits, ref_logits, q, batch.action_mask, self.hparams.beta, self.hparams.chunk_size)
+        return policy_loss(policy_logits, ref_logits, q, batch.action_mask, self.kl_coef, self.hparams.chunk_size)
 
     def compute_q_loss(self, q_taken: Tensor, targets: Tensor, batch: TransitionBatch) -> Tensor:
         """The critic loss (override to change it)."""
@@ -227,7 +227,7 @@ class ETPOModule(TokenRLModule):
         taken = batch.action_ids.unsqueeze(-1)
         with torch.no_grad():
             q_target = self.action_outputs(self.target_critic, batch, ref_probs=ref_probs)
-            values = soft_values(q_target, policy_logits.detach(), ref_logits, self.hparams.beta, self.hparams.chunk_size)
+            values = soft_values(q_target, policy_logits.detach(), ref_logits, self.kl_coef, self.hparams.chunk_size)
             log_ratio = None
             if batch.old_logprobs is not None:
                 log_ratio = (token_logprobs(policy_logits.detach(), batch.action_ids) - batch.old_logprobs) * batch.action_mask

@@ -123,7 +123,7 @@ class GRPOModule(TokenRLModule):
             ref_logprobs = token_logprobs(ref_logits, batch.action_ids)
             old_logprobs = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
         out = {"policy_loss": grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask,
-                                        hp.clip_ratio, hp.beta, hp.loss_aggregation)}
+                                        hp.clip_ratio, self.kl_coef, hp.loss_aggregation)}
         with torch.no_grad():
             kl, entropy = kl_and_entropy(policy_logits.detach(), ref_logits, hp.chunk_size)
             clip_fraction, approx_kl = ratio_stats(logprobs, old_logprobs, mask, hp.clip_ratio)

@@ -213,7 +213,7 @@ class PPOModule(TokenRLModule):
             ref_logits = self.action_outputs(self.reference, batch)
             ref_logprobs = token_logprobs(ref_logits, batch.action_ids)
             old_logprobs = batch.old_logprobs if batch.old_logprobs is not None else logprobs.detach()
-            rewards = token_rewards(old_logprobs, ref_logprobs, batch.rewards, mask, hp.beta_kl)
+            rewards = token_rewards(old_logprobs, ref_logprobs, batch.rewards, mask, self.kl_coef)
             advantages, returns = self.compute_advantages(values.detach(), rewards, batch)
             used = whiten(advantages, mask) if hp.normalize_advantages else advantages
         out = {
