@@ -1,14 +1,15 @@
 """FSDP and the GPU precisions.
 
-Everything marked ``gpu`` is skipped without CUDA (tests/conftest.py) and has NOT been run
-in development (no GPU there): run ``pytest -m gpu tests/test_gpu.py`` on a GPU machine.
+Everything marked ``gpu`` is skipped when ``torch.cuda.is_available()`` is False (and the
+two-GPU test when fewer than two devices are visible), nothing else decides it; it has NOT
+been run in development (no GPU there): run ``pytest -m gpu tests/test_gpu.py`` on a GPU
+machine.
 The first test runs on CPU: it checks that configs/fsdp_gpu.yaml's wrap policy makes each
 of the four networks its own FSDP unit, with the critic and its target wrapped alike.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import subprocess
 import sys
@@ -63,6 +64,9 @@ def test_fsdp_config_makes_each_network_its_own_unit() -> None:
 
 
 # ----------------------------------------------------------------------------- GPU only
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+
 def _fixed_loader(n: int) -> DataLoader:
     return DataLoader([random_transition_batch(VOCAB)] * n, batch_size=None)
 
@@ -81,6 +85,7 @@ class _ClippedNorms(ETPOModule):
 
 
 @pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "bf16-true"])
 def test_precisions_on_one_gpu(precision: str) -> None:
     clip = 1e-3
@@ -100,6 +105,7 @@ def test_precisions_on_one_gpu(precision: str) -> None:
 
 
 @pytest.mark.gpu
+@needs_gpu
 def test_fsdp_on_one_gpu_steps_clips_and_averages(tmp_path: Path) -> None:
     """FSDP with the config's wrap policy on one GPU (FSDP uses NO_SHARD at world size 1:
     this checks wrapping, lazy init, clipping and Polyak through the wrapper, not sharding)."""
@@ -132,14 +138,10 @@ def test_fsdp_on_one_gpu_steps_clips_and_averages(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@needs_gpu
+@needs_two_gpus
 def test_fsdp_two_gpus_rollout_and_sync(tmp_path: Path) -> None:
     """Two FSDP ranks generating in their own environments (different lengths per rank)."""
-    from etpo_lightning.datamodules.rollout import RolloutDataModule
-
-    if "generation_context" not in inspect.getsource(RolloutDataModule.generate):
-        pytest.skip("RolloutDataModule.generate does not use module.generation_context()/generation_kwargs() "
-                    "yet: FSDP generation would run on sharded weights (see docs/scaling.md)")
     from etpo_lightning.tiny_coder.tokenizer import train_tokenizer
 
     tok = train_tokenizer(["Say the word 'apple'.\nAnswer: apple river stone cloud"] * 10, vocab_size=300)
