@@ -9,14 +9,11 @@ has none: ``build_critic`` returns None and only the policy's optimizer exists),
 (``compute_losses``), what to do after the optimizer steps (``after_optimizer_steps``)
 and the value of an observation used to bootstrap (``bootstrap_values``).
 
-Networks are built lazily (``build_models``): on first use or in ``configure_model``,
-never in ``__init__``, so ``build_critic`` may use attributes a subclass sets in its own
-``__init__``. A checkpoint of a module whose networks were injected (``policy=``,
-``critic=``, ``reference=``) holds their weights, not their architectures:
-``load_from_checkpoint(path)`` raises a ``ValueError`` naming the injected networks and
-their classes (it never loads ``model_name_or_path`` instead);
-``load_from_checkpoint(path, policy=..., critic=...)`` with networks of the same
-architectures restores the weights.
+Networks are built on first use or in ``configure_model``, never in ``__init__``, so
+``build_critic`` may use a subclass's attributes (``core/networks.py``). A checkpoint of
+injected networks holds their weights, not their architectures: ``load_from_checkpoint(path)``
+raises a ``ValueError`` naming them; ``load_from_checkpoint(path, policy=..., critic=...)``
+with networks of the same architectures restores the weights.
 """
 
 from __future__ import annotations
@@ -43,13 +40,7 @@ from etpo_lightning.core.distributed import (
     summon_own_params,
 )
 from etpo_lightning.core.models import accepts_logits_to_keep, load_causal_lm
-from etpo_lightning.core.networks import (
-    INJECTED_MARKER,
-    accepts_keyword,
-    injected_message,
-    refuse_checkpoint_markers,
-    unwrap_module,
-)
+from etpo_lightning.core.networks import LazyNetworks, accepts_keyword, unwrap_module
 from etpo_lightning.core.state import gather_rng_states, restore_rng_states
 from etpo_lightning.ppo.losses import token_logprobs
 
@@ -84,7 +75,7 @@ for _name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utiliti
     logging.getLogger(_name).addFilter(_STEPS_IN_BATCHES)
 
 
-class TokenRLModule(pl.LightningModule):
+class TokenRLModule(LazyNetworks, pl.LightningModule):
     """Base class; see the subclasses for the algorithms and their arguments."""
 
     # Whether the datamodule stores V(s_{t+1}) from ``bootstrap_values`` at rollout time
@@ -114,13 +105,9 @@ class TokenRLModule(pl.LightningModule):
         for name, lr in (("policy_lr", policy_lr), ("critic_lr", critic_lr)):
             if lr < 0:
                 raise ValueError(f"{name} must be >= 0, got {name}={lr}")
-        networks = {"policy": policy, "critic": critic, "reference": reference}
-        refuse_checkpoint_markers(type(self).__name__, networks)
-        if policy is None and (critic is not None or reference is not None):
-            raise ValueError("pass `policy` too when injecting `critic` or `reference`")
-        # The class of each injected network, recorded in checkpoints (``on_save_checkpoint``).
-        self._injected_networks = {name: type(unwrap_module(net)).__name__
-                                   for name, net in networks.items() if net is not None}
+        # Validated and recorded now, built later (``LazyNetworks``): on first use or in
+        # ``configure_model``, once the whole __init__ chain (a subclass's too) has run.
+        self.defer_networks(policy, critic, reference)
         # Collects the arguments of the whole __init__ chain (the subclass's too).
         self.save_hyperparameters(ignore=["policy", "critic", "reference"])
         self.automatic_optimization = False
@@ -129,13 +116,6 @@ class TokenRLModule(pl.LightningModule):
         # KLMonitor(on_threshold="adapt_beta") adapts it. The hyperparameters stay as given;
         # the current value travels in the checkpoint (``on_save_checkpoint``).
         self.kl_coef = float(self.hparams[self.kl_coef_hparam])
-        # The networks are NOT built here: a subclass's own attributes (set in its __init__,
-        # before or after this call) do not exist yet, and ``build_critic`` may need them.
-        # ``build_models`` runs on first use (see ``__getattr__``) or in ``configure_model``.
-        # A tuple, not modules, so nothing is registered before the build.
-        self._pending_models: tuple[nn.Module | None, nn.Module | None, nn.Module | None] | None = (
-            policy, critic, reference)
-        self._models_built = False
 
     @property
     def optimizer_steps_per_batch(self) -> int:
@@ -154,62 +134,9 @@ class TokenRLModule(pl.LightningModule):
         return 1 if self.critic is None else 2
 
     # ------------------------------------------------------------------ models
-    # Attributes that exist once the networks are built; reading one builds them.
-    model_attributes: tuple[str, ...] = ("policy", "critic", "reference")
-
-    def __getattr__(self, name: str) -> Any:
-        # Only called for attributes that are not there: the networks before their build.
-        if name in type(self).model_attributes and self.__dict__.get("_models_built") is False:
-            self.build_models()
-            return getattr(self, name)
-        return super().__getattr__(name)
-
-    @property
-    def models_built(self) -> bool:
-        """Whether the networks exist (``build_models`` has run)."""
-        return bool(self.__dict__.get("_models_built", True))
-
-    def build_models(self) -> None:
-        """Build or attach the networks, once: the injected ones, else the policy loaded from
-        ``model_name_or_path`` (``attach_models`` adds the critic, reference, target...).
-
-        Runs on the first use of a network, of ``parameters()``, ``state_dict()`` or
-        ``load_state_dict()``, and at the latest in ``configure_model``, which Lightning
-        calls at fit start inside the strategy's init context (so FSDP can build sharded
-        models there) and in ``load_from_checkpoint`` before loading the weights. By then the
-        whole ``__init__`` chain has run, so ``build_critic`` may use a subclass's attributes.
-        """
-        if self.__dict__.get("_models_built", True) is not False:
-            return  # built, being built, or a module that predates lazy building
-        self._models_built = None  # building: attribute reads must not re-enter
-        try:
-            policy, critic, reference = self._pending_models
-            if policy is None:
-                policy = load_causal_lm(self.hparams.model_name_or_path)
-            self.attach_models(policy, critic, reference)
-        except BaseException:
-            self._models_built = False
-            raise
-        self._pending_models = None
-        self._models_built = True
-
-    # parameters(), modules(), train(), to() ... go through these; state_dict and
-    # load_state_dict walk ``_modules`` directly.
-    def named_modules(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Module]]:
-        self.build_models()
-        return super().named_modules(*args, **kwargs)
-
-    def named_children(self) -> Iterator[tuple[str, nn.Module]]:
-        self.build_models()
-        return super().named_children()
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        self.build_models()
-        return super().state_dict(*args, **kwargs)
-
-    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
-        self.build_models()
-        return super().load_state_dict(*args, **kwargs)
+    def load_policy(self) -> nn.Module:
+        """The policy when none is injected: loaded from ``model_name_or_path``."""
+        return load_causal_lm(self.hparams.model_name_or_path)
 
     def build_critic(self, policy: nn.Module) -> nn.Module | None:
         """The critic when none is injected (subclasses decide; None: the method has no critic)."""
@@ -472,14 +399,7 @@ class TokenRLModule(pl.LightningModule):
         """
         checkpoint["nonfinite_steps"] = self.nonfinite_steps
         checkpoint["kl_coef"] = self.kl_coef
-        injected = dict(self.__dict__.get("_injected_networks") or {})
-        checkpoint["injected_networks"] = injected
-        # load_from_checkpoint passes these hyperparameters back to __init__, where the
-        # markers stop it (before any default model is loaded) unless the caller passes the
-        # networks again (``load_from_checkpoint(path, policy=..., critic=...)``).
-        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
-        if isinstance(hparams, dict):
-            hparams.update({name: f"{INJECTED_MARKER}{cls}>" for name, cls in injected.items()})
+        self.record_injected_networks(checkpoint)
         checkpoint["rng_states"] = gather_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -490,11 +410,7 @@ class TokenRLModule(pl.LightningModule):
         rank r mod n, and ranks beyond the saved ones are re-seeded from them plus their rank,
         so that ranks never sample identically.
         """
-        saved = checkpoint.get("injected_networks") or {}
-        missing = {name: cls for name, cls in saved.items()
-                   if name not in (self.__dict__.get("_injected_networks") or {})}
-        if missing:
-            raise ValueError(injected_message(type(self).__name__, missing))
+        self.check_injected_networks(checkpoint)
         self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
         # An older checkpoint's adapted coefficient is the one in its hyperparameters.
         self.kl_coef = float(checkpoint.get("kl_coef", checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY, {}).get(

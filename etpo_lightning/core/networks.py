@@ -1,10 +1,12 @@
-"""Networks the module did not build: how they are called (wrappers looked through, only the
-keyword arguments a ``forward`` takes) and how their checkpoints say what to pass again."""
+"""The networks a module holds: built lazily (``LazyNetworks``), called whatever they are
+(wrappers looked through, only the keyword arguments a ``forward`` takes), and, when they
+were injected, named in checkpoints so that loading asks for them again."""
 
 from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -56,3 +58,97 @@ def refuse_checkpoint_markers(module_name: str, networks: dict[str, Any]) -> Non
         if value is not None and not isinstance(value, nn.Module):
             raise ValueError(f"{name} must be an nn.Module or None, got {type(value).__name__} "
                              "(a model path goes to model_name_or_path)")
+
+
+class LazyNetworks:
+    """Mixin of ``TokenRLModule`` (before ``pl.LightningModule`` in the bases): the networks
+    are built by ``build_models``, never in ``__init__``.
+
+    ``__init__`` calls ``defer_networks`` with the injected networks (or None); the build
+    (the injected ones, else ``load_policy()``, then ``attach_models``) runs on the first
+    read of a name in ``model_attributes``, of ``parameters()``/``modules()``/``train()``/
+    ``to()`` (through ``named_modules``/``named_children``), of ``state_dict()`` or
+    ``load_state_dict()``, and at the latest in ``configure_model``. By then the whole
+    ``__init__`` chain has run, so ``build_critic`` may use a subclass's attributes.
+    """
+
+    # Attributes that exist once the networks are built; reading one builds them.
+    model_attributes: tuple[str, ...] = ("policy", "critic", "reference")
+
+    def defer_networks(self, policy: nn.Module | None, critic: nn.Module | None, reference: nn.Module | None) -> None:
+        """Validate and keep the injected networks until ``build_models`` (nothing registered yet)."""
+        networks = {"policy": policy, "critic": critic, "reference": reference}
+        refuse_checkpoint_markers(type(self).__name__, networks)
+        if policy is None and (critic is not None or reference is not None):
+            raise ValueError("pass `policy` too when injecting `critic` or `reference`")
+        # The class of each injected network, recorded in checkpoints.
+        self._injected_networks = {name: type(unwrap_module(net)).__name__
+                                   for name, net in networks.items() if net is not None}
+        self._pending_models = (policy, critic, reference)  # a tuple: no submodule registration
+        self._models_built = False
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes that are not there: the networks before their build.
+        if name in type(self).model_attributes and self.__dict__.get("_models_built") is False:
+            self.build_models()
+            return getattr(self, name)
+        return super().__getattr__(name)
+
+    @property
+    def models_built(self) -> bool:
+        """Whether the networks exist (``build_models`` has run)."""
+        return bool(self.__dict__.get("_models_built", True))
+
+    def build_models(self) -> None:
+        """Build or attach the networks, once: the injected ones, else the policy from
+        ``load_policy()`` (``attach_models`` adds the critic, reference, target...)."""
+        if self.__dict__.get("_models_built", True) is not False:
+            return  # built, being built, or a module that never deferred its networks
+        self._models_built = None  # building: attribute reads must not re-enter
+        try:
+            policy, critic, reference = self._pending_models
+            self.attach_models(policy if policy is not None else self.load_policy(), critic, reference)
+        except BaseException:
+            self._models_built = False
+            raise
+        self._pending_models = None
+        self._models_built = True
+
+    # parameters(), modules(), train(), to() ... go through these two; state_dict and
+    # load_state_dict walk ``_modules`` directly.
+    def named_modules(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Module]]:
+        self.build_models()
+        return super().named_modules(*args, **kwargs)
+
+    def named_children(self) -> Iterator[tuple[str, nn.Module]]:
+        self.build_models()
+        return super().named_children()
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self.build_models()
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self.build_models()
+        return super().load_state_dict(*args, **kwargs)
+
+    # ------------------------------------------------------------ checkpoints
+    def record_injected_networks(self, checkpoint: dict[str, Any]) -> None:
+        """Name the injected networks and their classes in ``checkpoint``.
+
+        ``load_from_checkpoint`` passes the saved hyperparameters back to ``__init__``; the
+        markers put there for the injected networks stop it (before any default model is
+        loaded) unless the caller passes the networks again."""
+        injected = dict(self.__dict__.get("_injected_networks") or {})
+        checkpoint["injected_networks"] = injected
+        hparams = checkpoint.get("hyper_parameters")
+        if isinstance(hparams, dict):
+            hparams.update({name: f"{INJECTED_MARKER}{cls}>" for name, cls in injected.items()})
+
+    def check_injected_networks(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose injected networks this module was not given (resume)."""
+        saved = checkpoint.get("injected_networks") or {}
+        missing = {name: cls for name, cls in saved.items()
+                   if name not in (self.__dict__.get("_injected_networks") or {})}
+        if missing:
+            raise ValueError(injected_message(type(self).__name__, missing))
