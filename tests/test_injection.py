@@ -103,6 +103,42 @@ def test_a_compiled_token_critic_trains_like_the_uncompiled_one(tmp_path):
     assert compiled_logs["train/q_taken"].dropna().iloc[0] != pytest.approx(0.0, abs=1e-3)  # a real Q
 
 
+class CentredPlainCritic(PlainQCritic):
+    """A custom critic that needs rho (``needs_reference``) and takes only ``ref_logits``:
+    Q = A - E_rho[A], centred under rho like the dueling head."""
+
+    needs_reference = True
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, ref_logits=None):
+        a = super().forward(input_ids, attention_mask, position_ids)
+        a = a[:, -ref_logits.shape[1]:]  # the positions rho is given at
+        return a - (torch.softmax(ref_logits.double(), -1) * a).sum(-1, keepdim=True).float()
+
+
+def test_a_custom_critic_that_needs_rho_gets_it_as_logits(tmp_path):
+    """The module shares rho's probabilities between critics; a custom critic whose forward
+    takes only ``ref_logits`` still gets rho, and its Q is the one computed by hand."""
+    policy = tiny_llama(VOCAB, seed=0)
+    module = ETPOModule(policy=policy, critic=CentredPlainCritic(seed=2), **HP)
+    batch = random_transition_batch(VOCAB, seed=6)
+    with torch.no_grad():
+        got = module.compute_losses(batch)["q_taken"].item()
+        taken = []
+        for b in range(len(batch)):
+            prompt = batch.prompt_ids[b][batch.prompt_mask[b]]
+            action = batch.action_ids[b][batch.action_mask[b]]
+            ids = torch.cat([prompt, action[:-1]])[None]
+            rows = slice(prompt.numel() - 1, None)
+            rho = module.reference(input_ids=ids).logits[:, rows]
+            q = module.critic(ids, ref_logits=rho)[0]
+            taken += [float(q[j, action[j]]) for j in range(action.numel())]
+    assert got == pytest.approx(sum(taken) / len(taken), rel=1e-4, abs=1e-6)
+    assert abs(got) > 1e-4  # a Q that is not trivially 0
+    before = _state(module.critic)
+    _fit(module, batch, 1, tmp_path)
+    assert not torch.equal(before["head.weight"], module.critic.head.weight)
+
+
 # ------------------------------------------------------------------ defect 2
 class SizedCriticETPO(ETPOModule):
     """A subclass whose critic depends on an attribute set AFTER ``super().__init__``."""

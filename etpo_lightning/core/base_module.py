@@ -8,12 +8,8 @@ summed losses, per-optimizer gradient clipping and a guard against non-finite lo
 has none: ``build_critic`` returns None and only the policy's optimizer exists), which losses to minimise
 (``compute_losses``), what to do after the optimizer steps (``after_optimizer_steps``)
 and the value of an observation used to bootstrap (``bootstrap_values``).
-
-Networks are built on first use or in ``configure_model``, never in ``__init__``, so
-``build_critic`` may use a subclass's attributes (``core/networks.py``). A checkpoint of
-injected networks holds their weights, not their architectures: ``load_from_checkpoint(path)``
-raises a ``ValueError`` naming them; ``load_from_checkpoint(path, policy=..., critic=...)``
-with networks of the same architectures restores the weights.
+Networks are built on first use or in ``configure_model``, never in ``__init__``; a
+checkpoint of injected networks asks for them again on loading (``core/networks.py``).
 """
 
 from __future__ import annotations
@@ -112,22 +108,15 @@ class TokenRLModule(LazyNetworks, pl.LightningModule):
         self.save_hyperparameters(ignore=["policy", "critic", "reference"])
         self.automatic_optimization = False
         self.nonfinite_steps = 0
-        # The KL coefficient the losses use: starts at the hyperparameter ``kl_coef_hparam``;
-        # KLMonitor(on_threshold="adapt_beta") adapts it. The hyperparameters stay as given;
-        # the current value travels in the checkpoint (``on_save_checkpoint``).
+        # The KL coefficient the losses use, from the hparam ``kl_coef_hparam``; KLMonitor may
+        # adapt it (the hparams stay as given); saved in checkpoints.
         self.kl_coef = float(self.hparams[self.kl_coef_hparam])
 
     @property
     def optimizer_steps_per_batch(self) -> int:
-        """Optimizer steps Lightning counts per training batch, by which ``on_fit_start``
-        scales ``Trainer(max_steps=N)`` so that N means batches.
-
-        ``training_step`` steps every configured optimizer once, so this is the number of
-        optimizers once fit has set them up (2 with a critic, 1 without; also for a subclass
-        that configures its own), and before that 2 with a critic, 1 without. A subclass
-        that steps differently (e.g. several critic steps per batch) overrides it with a
-        class attribute or a property.
-        """
+        """Optimizer steps per training batch (``on_fit_start`` scales ``max_steps`` by it):
+        ``training_step`` steps each optimizer once, so the number the trainer set up (before
+        fit: 2 with a critic, 1 without). A subclass that steps differently overrides it."""
         trainer = self._trainer
         if trainer is not None and trainer.optimizers:
             return len(trainer.optimizers)
@@ -200,13 +189,11 @@ class TokenRLModule(LazyNetworks, pl.LightningModule):
         output head is applied there alone (``logits_to_keep``) when the model accepts it, so
         no ``[B, T, V]`` tensor is built over the prompt.
 
-        Any module works: it is called with ``input_ids``, ``attention_mask`` and
-        ``position_ids``, plus ``use_cache=False`` only if its ``forward`` takes that argument
-        (Hugging Face models). A module that says ``needs_reference`` (the dueling
-        ``TokenQCritic``) gets rho at the same positions as the outputs: ``ref_probs`` (their
-        softmax, float32) if its forward takes them, else ``ref_logits`` (rho's logits, or the
-        log of ``ref_probs``: the same distribution). Wrappers such as ``torch.compile``'s
-        ``OptimizedModule`` and FSDP are looked through for these tests."""
+        Any module works: ``use_cache=False`` goes only to forwards that take it; a module with
+        ``needs_reference`` (the dueling ``TokenQCritic``) gets rho at the output positions as
+        ``ref_probs`` (float32 softmax) if its forward takes them, else as ``ref_logits``
+        (rho's logits, or log ``ref_probs``). ``torch.compile`` and FSDP wrappers are looked
+        through for these tests."""
         inner = unwrap_module(model)
         kwargs = dict(inputs)
         if keep and accepts_logits_to_keep(model):
