@@ -1,6 +1,7 @@
 """ETPO under two-process CPU DDP (gloo), launched by ``tests/test_ddp.py`` as a subprocess.
 
     python tests/ddp_fit.py OUT_DIR --model MODEL_DIR --tokenizer TOKENIZER_DIR [--ckpt CKPT] [--max-steps N]
+                            [--env keyword|seeded] [--monitor]
 
 ``--strategy fsdp --accelerator gpu`` runs the same fit under FSDP on two GPUs
 (``tests/test_gpu.py``; FSDP refuses the CPU).
@@ -12,6 +13,12 @@ its state. Here the launcher re-runs this script, which is what a user's ``etpo 
 Every rank writes ``OUT_DIR/rank{r}.pt``: the four networks' final weights, the policy it
 started from, its datamodule's seed and sampled transitions, the losses it logged, and the
 python RNG state it trained from. Rank 0's ModelCheckpoint writes ``OUT_DIR/ckpt/last.ckpt``.
+
+``--env seeded`` replaces the keyword environment by ``SeededRewardEnv`` (rewards drawn from
+each environment's seed, so the two ranks see different rewards) and ``--monitor`` adds a
+``KLMonitor`` adapting beta; every rank then also records, per training batch, its own raw
+rollout rewards, its local KL and token count, and the values it logged (``steps``), for
+``tests/test_ddp.py`` to check the cross-rank reductions against.
 """
 
 from __future__ import annotations
@@ -28,8 +35,32 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
 from etpo_lightning import ETPOModule
+from etpo_lightning.callbacks import KLMonitor
 from etpo_lightning.datamodules.rollout import RolloutDataModule
 from etpo_lightning.envs import KeywordEnv
+from etpo_lightning.envs.base import StepResult, TextEnv, make_info
+
+
+class SeededRewardEnv(TextEnv):
+    """Rewards uniform in [-1, 1) drawn from the episode's seed, whatever the action: ranks
+    (seeded ``seed + 1000 * rank``) see different rewards. Episodes last ``max_steps`` steps."""
+
+    def __init__(self, max_steps: int = 2) -> None:
+        self.max_steps = max_steps
+        self._rng = random.Random(0)
+        self._step = 0
+
+    def reset(self, seed: int | None = None) -> str:
+        if seed is not None:
+            self._rng = random.Random(seed)
+        self._step = 0
+        return "Say the word 'apple'.\nAnswer:"
+
+    def step(self, action_text: str) -> StepResult:
+        self._step += 1
+        reward = self._rng.uniform(-1.0, 1.0)
+        done = self._step >= self.max_steps
+        return "Say the word 'river'.\nAnswer:", reward, done, make_info(success=reward > 0.5, episode_step=self._step)
 
 
 def snapshot(trainer: pl.Trainer, module: pl.LightningModule, name: str) -> dict[str, torch.Tensor]:
@@ -46,9 +77,11 @@ def snapshot(trainer: pl.Trainer, module: pl.LightningModule, name: str) -> dict
 class Record(pl.Callback):
     """What each rank saw and ended with, for the test to compare across ranks."""
 
-    def __init__(self) -> None:
+    def __init__(self, monitor: KLMonitor | None = None) -> None:
         self.losses: list[float] = []
         self.start: dict[str, Any] = {}
+        self.monitor = monitor
+        self.steps: list[dict[str, Any]] = []  # per batch: this rank's raw data and logged values
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start = {
@@ -61,23 +94,36 @@ class Record(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.losses.append(float(trainer.callback_metrics["train/q_loss"]))
+        dm = trainer.datamodule
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items()
+                  if k.startswith(("rollout/", "monitor/"))}
+        step: dict[str, Any] = {"rewards": [t.reward for t in dm.replay[-1]], "env_steps": dm.env_steps,
+                                "logged": logged, "beta": float(pl_module.hparams.beta)}
+        if self.monitor is not None:
+            # This rank's own KL (mean over its tokens) and token count, from its fresh collection.
+            kl, _ = self.monitor.rollout_kl_entropy(pl_module, dm.replay[-1], dm.tokenizer.pad_token_id)
+            step.update(local_kl=kl, tokens=sum(t.action_ids.numel() for t in dm.replay[-1]))
+        self.steps.append(step)
 
 
-def build(model: str, tokenizer: str) -> tuple[ETPOModule, RolloutDataModule]:
+def build(model: str, tokenizer: str, env: str = "keyword") -> tuple[ETPOModule, RolloutDataModule]:
     """The module and datamodule of every run in the DDP test (single-device ones too)."""
     pl.seed_everything(0)
     module = ETPOModule(model_name_or_path=model, beta=0.1, gamma=0.9, policy_lr=3e-3, critic_lr=3e-3, tau=0.1)
-    dm = RolloutDataModule(env=KeywordEnv(max_steps=2), tokenizer=tokenizer, num_envs=2, rollout_steps=1,
+    text_env = SeededRewardEnv(max_steps=2) if env == "seeded" else KeywordEnv(max_steps=2)
+    dm = RolloutDataModule(env=text_env, tokenizer=tokenizer, num_envs=2, rollout_steps=1,
                            batch_size=2, batches_per_epoch=1, max_new_tokens=4, seed=0)
     return module, dm
 
 
 def trainer(out_dir: Path, max_steps: int, record: Record, accelerator: str = "cpu", **kwargs: Any) -> pl.Trainer:
-    """A quiet Trainer that keeps ``out_dir/ckpt/last.ckpt``."""
+    """A quiet Trainer that keeps ``out_dir/ckpt/last.ckpt`` (the record's monitor runs before it)."""
+    monitor = [record.monitor] if record.monitor is not None else []
     return pl.Trainer(
         accelerator=accelerator, max_steps=max_steps, logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=out_dir,
-        callbacks=[record, ModelCheckpoint(dirpath=out_dir / "ckpt", save_last=True, save_top_k=0)], **kwargs,
+        callbacks=[*monitor, record, ModelCheckpoint(dirpath=out_dir / "ckpt", save_last=True, save_top_k=0)],
+        **kwargs,
     )
 
 
@@ -90,11 +136,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-steps", type=int, default=2, help="training batches (in total, when resuming)")
     parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
     parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--env", choices=["keyword", "seeded"], default="keyword")
+    parser.add_argument("--monitor", action="store_true", help="add a KLMonitor adapting beta")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # two ranks on a two-core machine
 
-    module, dm = build(args.model, args.tokenizer)
-    record = Record()
+    module, dm = build(args.model, args.tokenizer, args.env)
+    # A threshold far below any KL: beta adapts after every collection.
+    monitor = KLMonitor(kl_threshold=1e-6, on_threshold="adapt_beta", adapt_rate=0.5) if args.monitor else None
+    record = Record(monitor)
     strategy: Any = args.strategy
     if strategy == "fsdp":
         from pytorch_lightning.strategies import FSDPStrategy
@@ -115,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
             "prompts": [t.prompt_ids.tolist() for c in dm.replay for t in c],
             "actions": [t.action_ids.tolist() for c in dm.replay for t in c],
             "losses": record.losses,
+            "steps": record.steps,
             "start": record.start,
             "final": {name: snapshot(ddp, module, name) for name in ("policy", "critic", "target_critic", "reference")},
         },

@@ -107,6 +107,52 @@ def test_ddp_two_ranks_and_checkpoints_across_world_sizes(tmp_path: Path, assets
 
 
 
+def test_ddp_rollout_and_monitor_statistics_are_reduced_across_ranks(tmp_path: Path, assets: tuple[str, str]) -> None:
+    """Two ranks see different rewards (``SeededRewardEnv``); what they log is the statistic
+    over both ranks' samples: max of maxima, min of minima, means weighted by counts, summed
+    counters; the KL monitor's KL is the token-weighted mean, so beta adapts alike on both.
+
+    Checked against each rank's own raw records (its rewards, its local KL and token count).
+    Fails on averaging the ranks' values (the default ``sync_dist`` reduction): the ranks'
+    reward maxima differ, so their mean is not the maximum."""
+    model_dir, tok_dir = assets
+    out = tmp_path / "stats"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), "--model", model_dir, "--tokenizer", tok_dir,
+         "--max-steps", "3", "--env", "seeded", "--monitor"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False)["steps"] for r in (0, 1))
+    assert len(r0) == len(r1) == 3
+    # The test can tell a max from a mean: the ranks' own maxima and minima differ.
+    assert any(max(a["rewards"]) != max(b["rewards"]) for a, b in zip(r0, r1))
+    assert any(min(a["rewards"]) != min(b["rewards"]) for a, b in zip(r0, r1))
+    seen: list[float] = []
+    beta = 0.1
+    for a, b in zip(r0, r1):
+        both = a["rewards"] + b["rewards"]
+        seen += both
+        kl = (a["local_kl"] * a["tokens"] + b["local_kl"] * b["tokens"]) / (a["tokens"] + b["tokens"])
+        want = {
+            "rollout/reward_max": max(both),
+            "rollout/reward_min": min(both),
+            "rollout/reward_mean": sum(both) / len(both),
+            "rollout/best_reward": max(seen),
+            "rollout/success_rate": sum(r > 0.5 for r in both) / len(both),
+            "rollout/env_steps": a["env_steps"] + b["env_steps"],
+            "monitor/kl": kl,
+        }
+        for rank in (a, b):
+            for key, value in want.items():
+                assert rank["logged"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        # adapt_beta from the global KL: beta * (1 + 0.5 * clip(KL / 1e-6 - 1, -0.2, 0.2)).
+        beta *= 1 + 0.5 * max(-0.2, min(0.2, kl / 1e-6 - 1))
+        assert a["beta"] == b["beta"] == pytest.approx(beta, rel=1e-9)
+        assert a["logged"]["monitor/beta"] == b["logged"]["monitor/beta"] == pytest.approx(beta, rel=1e-6)
+
+
 def _grads(seed: int, size: int = 10) -> list[torch.Tensor]:
     return [torch.randn(size, generator=torch.Generator().manual_seed(seed + i)) * 3 for i in range(3)]
 
