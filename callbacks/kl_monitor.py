@@ -13,6 +13,7 @@ import torch
 from torchmetrics.text import Perplexity
 
 from etpo_lightning.core.batch import TransitionBatch
+from etpo_lightning.core.rank_stats import Reduce, reduce_across_ranks
 from etpo_lightning.etpo.losses import kl_and_entropy
 
 
@@ -96,6 +97,13 @@ class KLMonitor(pl.Callback):
     @torch.no_grad()
     def rollout_kl_entropy(self, pl_module: pl.LightningModule, transitions: list, pad_id: int) -> tuple[float, float]:
         """Mean exact per-token KL(pi||rho) and entropy of pi over the transitions' action tokens."""
+        kl, ent, _ = self._rollout_kl_entropy_tokens(pl_module, transitions, pad_id)
+        return kl, ent
+
+    @torch.no_grad()
+    def _rollout_kl_entropy_tokens(self, pl_module: pl.LightningModule, transitions: list,
+                                   pad_id: int) -> tuple[float, float, float]:
+        """``rollout_kl_entropy`` and the number of action tokens it averaged over."""
         kl_sum = ent_sum = tokens = 0.0
         for start in range(0, len(transitions), self.batch_size):
             batch = TransitionBatch.collate(transitions[start:start + self.batch_size], pad_id).to(pl_module.device)
@@ -105,7 +113,7 @@ class KLMonitor(pl.Callback):
             kl_sum += float((kl * mask).sum())
             ent_sum += float((ent * mask).sum())
             tokens += float(mask.sum())
-        return kl_sum / max(tokens, 1.0), ent_sum / max(tokens, 1.0)
+        return kl_sum / max(tokens, 1.0), ent_sum / max(tokens, 1.0), tokens
 
     @torch.no_grad()
     def heldout_perplexity(self, pl_module: pl.LightningModule, tokenizer: Any) -> float:
@@ -137,12 +145,21 @@ class KLMonitor(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         dm = trainer.datamodule
-        if dm is None or not getattr(dm, "replay", None) or dm.collections == self._seen_collections:
+        fresh = dm is not None and bool(getattr(dm, "replay", None)) and dm.collections != self._seen_collections
+        # Under DDP/FSDP every rank evaluates, and joins the reduction, if any rank collected.
+        if not trainer.strategy.reduce_boolean_decision(fresh, all=False):
             return
         self._seen_collections = dm.collections
-        kl, entropy = self.rollout_kl_entropy(pl_module, dm.replay[-1], dm.tokenizer.pad_token_id)
-        self.last = {"monitor/kl": kl, "monitor/entropy": entropy,
-                     "monitor/perplexity": self.heldout_perplexity(pl_module, dm.tokenizer)}
+        kl, entropy, tokens = self._rollout_kl_entropy_tokens(pl_module, dm.replay[-1], dm.tokenizer.pad_token_id)
+        # The KL and entropy over the tokens of all ranks (each rank's mean weighted by its token
+        # count), so that the guard and adapt_beta act on the same KL, and keep beta, on every rank.
+        self.last = reduce_across_ranks(
+            {"monitor/kl": kl, "monitor/entropy": entropy,
+             "monitor/perplexity": self.heldout_perplexity(pl_module, dm.tokenizer)},
+            {"monitor/kl": Reduce("mean", tokens), "monitor/entropy": Reduce("mean", tokens)},
+            pl_module.device,
+        )
+        kl = self.last["monitor/kl"]
         self._guard(trainer, pl_module, kl)
         self.last["monitor/beta"] = float(pl_module.kl_coef)
         self.history.append(dict(self.last, collection=float(dm.collections)))

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from etpo_lightning.core.batch import Transition, TransitionBatch
 from etpo_lightning.core.models import load_tokenizer
+from etpo_lightning.core.rank_stats import Reduce
 from etpo_lightning.datamodules.sampling import PolicySampling
 from etpo_lightning.envs import TextEnv, VectorEnv
 
@@ -160,7 +161,8 @@ class RolloutDataModule(PolicySampling, pl.LightningDataModule):
         self.refresh_on_epoch = True
         self.vector_env: VectorEnv | None = None
         self.replay: deque[list[Transition]] = deque(maxlen=replay_collections)
-        self.latest_stats: dict[str, float] = {}
+        self.latest_stats: dict[str, float] = {}  # this rank's, of the latest collection
+        self.latest_reduce: dict[str, Reduce] = {}  # how each combines across ranks
         self.best_action: str | None = None
         self.best_reward = float("-inf")
         self.collections = 0
@@ -233,6 +235,7 @@ class RolloutDataModule(PolicySampling, pl.LightningDataModule):
         chosen = self._sample_rng.sample(pool, self.hparams.batch_size)
         batch = TransitionBatch.collate(chosen, self.tokenizer.pad_token_id)
         batch.rollout_stats = dict(self.latest_stats)
+        batch.rollout_reduce = dict(self.latest_reduce)
         return batch
 
     # --------------------------------------------------------------- rollout
@@ -298,23 +301,33 @@ class RolloutDataModule(PolicySampling, pl.LightningDataModule):
         self.collections += 1
         self.env_steps += len(sampled)
         self.episodes_finished += len(finished_lengths)
-        self.latest_stats = {
-            "rollout/reward_mean": sum(rewards) / len(rewards),
-            "rollout/reward_max": max(rewards),
-            "rollout/success_rate": sum(successes) / len(successes),
-            "rollout/error_rate": sum(errors) / len(errors),
-            "rollout/episode_len": (sum(finished_lengths) / len(finished_lengths)) if finished_lengths else float("nan"),
-            "rollout/truncated_rate": truncations / len(sampled),
-            "rollout/action_tokens": sum(t.action_ids.numel() for t in sampled) / len(sampled),
-            "rollout/best_reward": self.best_reward,
-            "rollout/env_steps": float(self.env_steps),
-            "rollout/env_restarts": float(self.env_restarts),
+        # This rank's statistics, and how each combines over ranks when logged (the same keys
+        # on every rank): means weighted by their sample counts, extremes, summed counters.
+        n = len(sampled)
+        stats = {
+            "rollout/reward_mean": (sum(rewards) / n, Reduce("mean", n)),
+            "rollout/reward_max": (max(rewards), Reduce("max")),
+            "rollout/reward_min": (min(rewards), Reduce("min")),
+            "rollout/success_rate": (sum(successes) / n, Reduce("mean", n)),
+            "rollout/error_rate": (sum(errors) / n, Reduce("mean", n)),
+            "rollout/episode_len": ((sum(finished_lengths) / len(finished_lengths)) if finished_lengths else float("nan"),
+                                    Reduce("mean", len(finished_lengths))),
+            "rollout/truncated_rate": (truncations / n, Reduce("mean", n)),
+            "rollout/action_tokens": (sum(t.action_ids.numel() for t in sampled) / n, Reduce("mean", n)),
+            "rollout/best_reward": (self.best_reward, Reduce("max")),
+            "rollout/env_steps": (float(self.env_steps), Reduce("sum")),
+            "rollout/env_restarts": (float(self.env_restarts), Reduce("sum")),
         }
         if group_size > 1:
-            self.latest_stats["rollout/groups_completed"] = float(self.groups_completed)
-            if group_stds:
-                # Groups whose G returns are all equal: zero advantage, no policy gradient.
-                self.latest_stats["rollout/zero_std_groups"] = sum(s == 0 for s in group_stds) / len(group_stds)
+            stats["rollout/groups_completed"] = (float(self.groups_completed), Reduce("sum"))
+            # Groups whose G returns are all equal: zero advantage, no policy gradient (NaN when
+            # no group ended in this collection).
+            stats["rollout/zero_std_groups"] = (
+                sum(s == 0 for s in group_stds) / len(group_stds) if group_stds else float("nan"),
+                Reduce("mean", len(group_stds)),
+            )
+        self.latest_stats = {k: v for k, (v, _) in stats.items()}
+        self.latest_reduce = {k: r for k, (_, r) in stats.items()}
         return transitions
 
     def _end_episode(self, i: int) -> list[Transition] | None:
@@ -351,6 +364,7 @@ class RolloutDataModule(PolicySampling, pl.LightningDataModule):
             "episodes_finished": self.episodes_finished,
             "env_restarts": self.env_restarts,
             "latest_stats": self.latest_stats,
+            "latest_reduce": {k: tuple(r) for k, r in self.latest_reduce.items()},
             "sample_rng": self._sample_rng.getstate(),
             "refresh_requested": self._refresh_requested,
             "groups_completed": self.groups_completed,
@@ -362,6 +376,7 @@ class RolloutDataModule(PolicySampling, pl.LightningDataModule):
         self.best_action, self.best_reward = state["best_action"], state["best_reward"]
         self.collections, self.env_steps = state["collections"], state["env_steps"]
         self.episodes_finished, self.latest_stats = state["episodes_finished"], state["latest_stats"]
+        self.latest_reduce = {k: Reduce(*r) for k, r in state.get("latest_reduce", {}).items()}
         self.env_restarts = state.get("env_restarts", 0)
         self._sample_rng.setstate(state["sample_rng"])
         self._refresh_requested = state["refresh_requested"]

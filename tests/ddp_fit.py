@@ -98,7 +98,7 @@ class Record(pl.Callback):
         logged = {k: float(v) for k, v in trainer.callback_metrics.items()
                   if k.startswith(("rollout/", "monitor/"))}
         step: dict[str, Any] = {"rewards": [t.reward for t in dm.replay[-1]], "env_steps": dm.env_steps,
-                                "logged": logged, "beta": float(pl_module.hparams.beta)}
+                                "logged": logged, "beta": float(pl_module.kl_coef)}
         if self.monitor is not None:
             # This rank's own KL (mean over its tokens) and token count, from its fresh collection.
             kl, _ = self.monitor.rollout_kl_entropy(pl_module, dm.replay[-1], dm.tokenizer.pad_token_id)

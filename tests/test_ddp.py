@@ -198,3 +198,30 @@ def test_sharded_clip_grad_norm_matches_unsharded_clipping(monkeypatch: pytest.M
     assert norm == pytest.approx(want_norm, rel=1e-6)
     for a, p in zip(clipped, full):
         torch.testing.assert_close(a, p.grad)
+
+
+def test_reduce_across_ranks_weights_means_by_counts_and_skips_empty_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reduction with a two-rank all-gather simulated: rank 1's row is captured from its own
+    call, then served to rank 0. Means over different counts are weighted (3.25, not the 2.5 of
+    averaging the ranks' means); a rank without samples (NaN, weight 0) does not count."""
+    import torch.distributed as dist
+
+    from etpo_lightning.core.rank_stats import Reduce, reduce_across_ranks
+
+    how0 = {"len": Reduce("mean", 0), "r": Reduce("mean", 1), "hi": Reduce("max"), "lo": Reduce("min"),
+            "n": Reduce("sum")}
+    how1 = {"len": Reduce("mean", 2), "r": Reduce("mean", 3), "hi": Reduce("max"), "lo": Reduce("min"),
+            "n": Reduce("sum")}
+    rank0 = {"len": float("nan"), "r": 1.0, "hi": float("nan"), "lo": -2.0, "n": 5.0}
+    rank1 = {"len": 3.0, "r": 4.0, "hi": 0.5, "lo": 1.0, "n": 7.0}
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    rows: list[torch.Tensor] = []
+    monkeypatch.setattr(dist, "all_gather", lambda out, t: (rows.append(t.clone()), out[0].copy_(t), out[1].copy_(t)))
+    reduce_across_ranks(rank1, how1)  # records rank 1's row
+    monkeypatch.setattr(dist, "all_gather", lambda out, t: (out[0].copy_(t), out[1].copy_(rows[0])))
+    got = reduce_across_ranks(rank0, how0)
+    assert got == {"len": 3.0, "r": pytest.approx((1.0 * 1 + 4.0 * 3) / 4), "hi": 0.5, "lo": -2.0, "n": 12.0}
+    # Ranks logging different keys (as many of them) is an error, not a silent mix.
+    with pytest.raises(RuntimeError, match="different statistics"):
+        reduce_across_ranks({k: 1.0 for k in "abcde"}, {})

@@ -5,6 +5,7 @@
 * ``state.py``        what a checkpoint adds to Lightning's: RNG states of every rank;
 * ``distributed.py``  FSDP detection, sharded gradient clipping, generation and root set-up;
 * ``networks.py``     calling networks the module did not build (compiled, wrapped, custom);
+* ``rank_stats.py``   logged statistics combined over ranks (weighted means, max, min, sums);
 * ``batch.py``        ``Transition`` and ``TransitionBatch``, what rollouts hand to training;
 * ``models.py``       loading causal LMs and tokenizers (and the tiny coder alias).
 """

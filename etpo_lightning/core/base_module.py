@@ -37,6 +37,7 @@ from etpo_lightning.core.distributed import (
 )
 from etpo_lightning.core.models import accepts_logits_to_keep, load_causal_lm
 from etpo_lightning.core.networks import LazyNetworks, accepts_keyword, unwrap_module
+from etpo_lightning.core.rank_stats import Reduce, reduce_across_ranks
 from etpo_lightning.core.state import gather_rng_states, restore_rng_states
 from etpo_lightning.ppo.losses import token_logprobs
 
@@ -292,13 +293,17 @@ class TokenRLModule(LazyNetworks, pl.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
     def log_training_metrics(self, out: dict[str, Tensor], batch: TransitionBatch) -> None:
-        """Log the step's losses and statistics as ``train/*`` and the batch's rollout stats."""
+        """Log the step's losses and statistics as ``train/*`` and the batch's rollout stats.
+
+        ``train/*`` are this rank's (rank 0's in the loggers). The rollout statistics are
+        combined over all ranks first, each as it should be (``rank_stats``: weighted means,
+        max, min, summed counters), then logged as they are, identical on every rank."""
         metrics = {f"train/{k}": v.detach().float() for k, v in out.items()}
         metrics["train/reward"] = batch.rewards.float().mean()
-        metrics.update(batch.rollout_stats or {})
+        how = {k: Reduce(*r) for k, r in (batch.rollout_reduce or {}).items()}
+        metrics.update(reduce_across_ranks(batch.rollout_stats or {}, how, self.device))
         for key, value in metrics.items():
-            self.log(key, value, batch_size=len(batch), prog_bar=key in self.progress_bar_metrics,
-                     sync_dist=key.startswith("rollout/"))
+            self.log(key, value, batch_size=len(batch), prog_bar=key in self.progress_bar_metrics)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         module_name, _, class_name = self.hparams.optimizer.rpartition(".")

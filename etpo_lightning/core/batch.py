@@ -76,6 +76,9 @@ class TransitionBatch:
     # Statistics of the rollout collection this batch was drawn from (rollout/reward_mean, ...),
     # carried with the batch so the module can log them under any strategy.
     rollout_stats: dict[str, float] | None = field(default=None)
+    # How each of them combines across DDP/FSDP ranks (``etpo_lightning.core.rank_stats.Reduce``:
+    # op and weight); a key without one is an unweighted mean.
+    rollout_reduce: dict[str, tuple[str, float]] | None = field(default=None)
     # Groups (G samples per observation; None unless every transition has one): the group
     # ids [B] long, each row's member index [B] long and its group's returns [B, G] float32.
     group_ids: Tensor | None = field(default=None)
