@@ -82,6 +82,13 @@ class Record(pl.Callback):
         self.start: dict[str, Any] = {}
         self.monitor = monitor
         self.steps: list[dict[str, Any]] = []  # per batch: this rank's raw data and logged values
+        self.policy_losses: list[float] = []
+        self.first_batch: Any = None  # the first training batch, on the CPU
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.first_batch is None:
+            self.first_batch = batch.to("cpu")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start = {
@@ -94,6 +101,7 @@ class Record(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.losses.append(float(trainer.callback_metrics["train/q_loss"]))
+        self.policy_losses.append(float(trainer.callback_metrics["train/policy_loss"]))
         dm = trainer.datamodule
         logged = {k: float(v) for k, v in trainer.callback_metrics.items()
                   if k.startswith(("rollout/", "monitor/"))}
@@ -166,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
             "actions": [t.action_ids.tolist() for c in dm.replay for t in c],
             "losses": record.losses,
             "steps": record.steps,
+            "policy_losses": record.policy_losses,
+            "first_batch": record.first_batch,
             "start": record.start,
             "final": {name: snapshot(ddp, module, name) for name in ("policy", "critic", "target_critic", "reference")},
         },

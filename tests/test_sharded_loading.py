@@ -10,6 +10,9 @@ rank): FSDP itself refuses CPU-only execution, see tests/test_gpu.py for the GPU
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -136,6 +139,10 @@ def test_rank_zero_loads_one_copy_and_every_network_equals_the_plain_build(cls, 
             assert torch.equal(got_state[key], want_state[key]), (name, key)
         assert [p.requires_grad for p in got.parameters()] == [p.requires_grad for p in want.parameters()], name
         assert got.training == want.training, name
+    # The policy reads as the loaded one (the KL monitor finds held-out texts by its path,
+    # generate() uses its generation config).
+    assert module.policy.config.to_dict() == plain.policy.config.to_dict()
+    assert module.policy.generation_config.to_dict() == plain.policy.generation_config.to_dict()
     # The critic's backbone holds the checkpoint too (its LM head zeroed for the dueling critic).
     backbone = module.critic.backbone.state_dict()
     for key, value in weights.items():
@@ -154,3 +161,58 @@ def test_without_fsdp_every_network_is_its_own_copy(checkpoint) -> None:
     module.configure_model()
     nets = [getattr(module, n) for n in NETWORKS]
     assert _unique_bytes(nets) == 4 * _unique_bytes([module.policy])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (FSDP refuses the CPU)")
+def test_fsdp_two_gpus_loads_sharded_and_matches_a_single_process(tmp_path: Path) -> None:
+    """A 2-rank FSDP fit (tests/ddp_fit.py) from a checkpoint loaded by rank 0 only: both
+    ranks start from the checkpoint's weights, the first step's losses on each rank equal a
+    single-process computation on the same batch with the plainly loaded networks, and the
+    four networks end identical across ranks."""
+    import ddp_fit
+    from etpo_lightning.envs.toy import DEFAULT_WORDS
+    from etpo_lightning.tiny_coder.tokenizer import train_tokenizer
+
+    texts = [f"Say the word '{w}'.\nAnswer: {w}\nYour previous answer was 'x': wrong." for w in DEFAULT_WORDS] * 5
+    tok = train_tokenizer(texts, vocab_size=300)
+    tok.save_pretrained(tmp_path / "tok")
+    model = tiny_llama(len(tok), seed=1)
+    model.config.eos_token_id, model.config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    model.save_pretrained(tmp_path / "model")
+    out = tmp_path / "fsdp"
+    script = Path(ddp_fit.__file__)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script), str(out), "--model", str(tmp_path / "model"),
+                           "--tokenizer", str(tmp_path / "tok"), "--max-steps", "2", "--strategy", "fsdp",
+                           "--accelerator", "gpu"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    want = {k: v.float() for k, v in model.state_dict().items()}
+    for r in ranks:  # rank 1 never read the checkpoint, yet starts from it
+        start = {k: v for k, v in r["start"]["policy"].items() if k in want}
+        assert len(start) == len([k for k in want if "rotary" not in k])  # every weight compared
+        assert all(torch.equal(v.float(), want[k]) for k, v in start.items())
+    for r in ranks:
+        single, _ = ddp_fit.build(str(tmp_path / "model"), str(tmp_path / "tok"))
+        single.configure_model()
+        with torch.no_grad():
+            out_single = single.compute_losses(r["first_batch"])
+        assert r["losses"][0] == pytest.approx(float(out_single["q_loss"]), rel=1e-3, abs=1e-5)
+        assert r["policy_losses"][0] == pytest.approx(float(out_single["policy_loss"]), rel=1e-3, abs=1e-5)
+    for name in NETWORKS:
+        a, b = ranks[0]["final"][name], ranks[1]["final"][name]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_injected_policy_under_fsdp_is_used_as_given(monkeypatch) -> None:
+    """Nothing to load for an injected policy: configure_model under FSDP keeps it (real
+    weights on every rank, no from_pretrained), the others copies as without FSDP."""
+    policy = tiny_llama(64, seed=5)
+    want = {k: v.clone() for k, v in policy.state_dict().items()}
+    module = ETPOModule(policy=policy)
+    _, loads = _fsdp_configure(module, rank=1, monkeypatch=monkeypatch)
+    assert loads == [] and module.policy is policy
+    for name in NETWORKS:
+        assert not any(t.is_meta for t in _tensors(getattr(module, name))), name
+    assert all(torch.equal(module.reference.state_dict()[k], v) for k, v in want.items())

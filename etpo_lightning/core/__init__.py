@@ -3,7 +3,8 @@
 * ``base_module.py``  ``TokenRLModule``: model set-up, forwards over [prompt | action],
                       manual optimisation, logging, the hooks subclasses fill in;
 * ``state.py``        what a checkpoint adds to Lightning's: RNG states of every rank;
-* ``distributed.py``  FSDP detection, sharded gradient clipping, generation and root set-up;
+* ``distributed.py``  FSDP detection, loading on meta / rank 0, sharded gradient clipping,
+                      generation and root set-up;
 * ``networks.py``     calling networks the module did not build (compiled, wrapped, custom);
 * ``rank_stats.py``   logged statistics combined over ranks (weighted means, max, min, sums);
 * ``batch.py``        ``Transition`` and ``TransitionBatch``, what rollouts hand to training;

@@ -29,13 +29,14 @@ from torch import Tensor, nn
 
 from etpo_lightning.core.batch import TransitionBatch
 from etpo_lightning.core.distributed import (
+    build_sharded_models,
     check_polyak_pairs_sharded_alike,
     fsdp_replicas,
     is_fsdp_strategy,
     sharded_clip_grad_norm_,
     summon_own_params,
 )
-from etpo_lightning.core.models import accepts_logits_to_keep, load_causal_lm
+from etpo_lightning.core.models import accepts_logits_to_keep, empty_causal_lm, load_causal_lm, share_weights
 from etpo_lightning.core.networks import LazyNetworks, accepts_keyword, unwrap_module
 from etpo_lightning.core.rank_stats import Reduce, reduce_across_ranks
 from etpo_lightning.core.state import gather_rng_states, restore_rng_states
@@ -80,6 +81,8 @@ class TokenRLModule(LazyNetworks, pl.LightningModule):
     bootstraps_at_rollout = True
     # The hyperparameter weighting KL(pi || rho) in the objective: the initial ``kl_coef``.
     kl_coef_hparam = "beta"
+    # Under FSDP, build on the meta device and load once on rank 0 (``configure_model``).
+    sharded_loading = True
     # Shown in the progress bar; everything else goes to the loggers only.
     progress_bar_metrics = ("train/kl", "rollout/reward_mean")
 
@@ -125,7 +128,10 @@ class TokenRLModule(LazyNetworks, pl.LightningModule):
 
     # ------------------------------------------------------------------ models
     def load_policy(self) -> nn.Module:
-        """The policy when none is injected: loaded from ``model_name_or_path``."""
+        """The policy when none is injected: loaded from ``model_name_or_path`` (only its
+        architecture, on the meta device, while ``build_sharded_models`` builds for FSDP)."""
+        if self.__dict__.get("_policy_on_meta"):
+            return empty_causal_lm(self.hparams.model_name_or_path)
         return load_causal_lm(self.hparams.model_name_or_path)
 
     def build_critic(self, policy: nn.Module) -> nn.Module | None:
@@ -147,8 +153,20 @@ class TokenRLModule(LazyNetworks, pl.LightningModule):
         """Build the networks if nothing has yet (idempotent; see ``build_models``).
 
         Lightning calls this at fit start (and in ``load_from_checkpoint``), inside the
-        strategy's init context, so FSDP can build sharded models here."""
+        strategy's init context. The policy is loaded, the other networks are copies: four
+        on every rank, as DDP needs; under FSDP, built on meta with one load on rank 0
+        (``sharded_loading``, ``core.distributed.build_sharded_models``)."""
+        if not self.models_built and self.sharded_loading and self.under_fsdp():
+            build_sharded_models(self)
         self.build_models()
+
+    def load_initial_weights(self, loaded: nn.Module) -> None:
+        """Fill the networks built on meta from ``loaded`` (the checkpoint's policy, rank 0 under
+        FSDP), sharing its tensors; the critic's ``load_policy_weights`` takes what it needs."""
+        share_weights(self.policy, loaded)
+        share_weights(self.reference, loaded)
+        if self.critic is not None:
+            self.critic.load_policy_weights(loaded)
 
     def frozen_modules(self) -> list[nn.Module]:
         """Networks that are constants of the objective (kept in eval mode)."""

@@ -1,8 +1,8 @@
-"""Distributed helpers: FSDP detection, gradient clipping over shards, FSDP set-up.
+"""Distributed helpers: FSDP detection, loading for FSDP, gradient clipping over shards, FSDP set-up.
 
-``TokenRLModule`` calls these from its FSDP hooks (``on_before_optimizer_step``,
-``generation_context``, ``on_fit_start``); nothing here runs without a distributed strategy
-except ``is_fsdp_strategy``.
+``TokenRLModule`` calls these from its FSDP hooks (``configure_model``,
+``on_before_optimizer_step``, ``generation_context``, ``on_fit_start``); nothing here runs
+without a distributed strategy except ``is_fsdp_strategy``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from etpo_lightning.core.models import load_causal_lm, match_dtypes
 
 
 def is_fsdp_strategy(strategy: Any) -> bool:
@@ -81,3 +83,41 @@ def check_polyak_pairs_sharded_alike(pairs: list[tuple[nn.Module, nn.Module]]) -
                 "update would mix unrelated weights: wrap both with the same auto_wrap_policy "
                 "(e.g. the decoder layer class and the causal LM class)"
             )
+
+
+def build_sharded_models(module: Any) -> None:
+    """Build a ``TokenRLModule``'s networks for FSDP without a full copy per network on every rank.
+
+    Every rank builds the four networks on the meta device from the checkpoint's config
+    (the module's usual ``build_reference`` / ``build_critic`` hooks, on a meta policy: no
+    memory). Rank 0 alone reads the checkpoint, once, and ``module.load_initial_weights``
+    gives every network its weights from that one copy (shared storage, no deep copies).
+    FSDP then wraps each network: it moves rank 0's units to the device and flattens them
+    (each network gets its own flat parameters), materialises the other ranks' meta units,
+    and with ``sync_module_states`` (set here) broadcasts rank 0's weights before sharding.
+    """
+    from etpo_lightning.core.base_module import TokenRLModule
+
+    if "policy" in (module.__dict__.get("_injected_networks") or {}) or (
+            type(module).load_policy is not TokenRLModule.load_policy):
+        return  # an injected policy, or a subclass's own loading: built as without FSDP
+    module._policy_on_meta = True  # load_policy gives the architecture on the meta device
+    try:
+        module.build_models()
+    finally:
+        module._policy_on_meta = False
+    if module.critic is not None and not hasattr(module.critic, "load_policy_weights"):
+        raise TypeError(
+            f"{type(module.critic).__name__} cannot take its initial weights from the policy checkpoint when "
+            "built on the meta device: give it a load_policy_weights(policy) method (see TokenQCritic), "
+            "override load_initial_weights, or set sharded_loading = False"
+        )
+    if module.global_rank == 0:
+        loaded = load_causal_lm(module.hparams.model_name_or_path)
+        match_dtypes(loaded, module.policy)
+        module.load_initial_weights(loaded)
+        left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"load_initial_weights left tensors on the meta device: {left[:5]}")
+    if module.trainer.world_size > 1:
+        module.trainer.strategy.kwargs["sync_module_states"] = True

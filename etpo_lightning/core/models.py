@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 TINY_CODER = "tiny-sklearn-coder"
 """Alias of the offline base model: built locally on first use (see ``etpo_lightning.tiny_coder``)."""
@@ -56,6 +63,65 @@ def load_causal_lm(name_or_path: str, torch_dtype: torch.dtype | str | None = No
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         raise _friendly_oserror(name_or_path, err) from err
+
+
+def empty_causal_lm(name_or_path: str) -> PreTrainedModel:
+    """The architecture of ``name_or_path`` on the meta device: its config is read, no weights
+    (no memory). ``load_causal_lm`` of the same path gives the weights (``share_weights``)."""
+    path = resolve_model_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as err:
+        raise _friendly_oserror(name_or_path, err) from err
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    try:  # generate() reads it; from_pretrained loads it too
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        pass  # none saved: the one derived from the config, as from_pretrained does
+    return model
+
+
+def share_weights(dst: nn.Module, src: nn.Module) -> None:
+    """Give ``dst``, built on the meta device, ``src``'s weights without copying them.
+
+    For every parameter and buffer of ``dst`` whose name ``src`` also has, ``dst`` gets a new
+    ``nn.Parameter`` (keeping its own ``requires_grad``) over ``src``'s tensor: the storage is
+    shared, the parameter objects are not. Parameters tied inside ``dst`` stay tied. Shapes
+    and dtypes must match. Names ``src`` lacks (e.g. a critic's value head) are left as they are.
+    """
+    source = dict(src.named_parameters(remove_duplicate=False))
+    source.update(src.named_buffers(remove_duplicate=False))
+    made: dict[int, nn.Parameter] = {}
+
+    def owner(name: str) -> tuple[nn.Module, str]:
+        path, _, leaf = name.rpartition(".")
+        return (dst.get_submodule(path) if path else dst), leaf
+
+    for name, param in list(dst.named_parameters(remove_duplicate=False)):
+        if name not in source:
+            continue
+        if id(param) not in made:
+            data = source[name].detach()
+            if data.shape != param.shape or data.dtype != param.dtype:
+                raise ValueError(f"share_weights: {name} is {tuple(data.shape)} {data.dtype} in the source, "
+                                 f"{tuple(param.shape)} {param.dtype} in the destination")
+            made[id(param)] = nn.Parameter(data, requires_grad=param.requires_grad)
+        module, leaf = owner(name)
+        module._parameters[leaf] = made[id(param)]
+    for name, buffer in list(dst.named_buffers(remove_duplicate=False)):
+        if name in source:
+            module, leaf = owner(name)
+            module._buffers[leaf] = source[name].detach()
+
+
+def match_dtypes(loaded: nn.Module, like: nn.Module) -> None:
+    """Cast ``loaded``'s floating parameters and buffers, in place, to the dtypes of ``like``'s
+    of the same name (``from_pretrained``'s dtype may differ from the init context's default)."""
+    want = {n: t.dtype for n, t in [*like.named_parameters(), *like.named_buffers()]}
+    for name, t in [*loaded.named_parameters(), *loaded.named_buffers()]:
+        if name in want and t.dtype != want[name] and t.is_floating_point():
+            t.data = t.data.to(want[name])
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

@@ -48,6 +48,7 @@ class TokenQCritic(nn.Module):
             raise ValueError(f"advantage_scale must be > 0, got {advantage_scale}")
         self.backbone = backbone
         self.advantage_scale = advantage_scale
+        self.head_init = head_init
         self.value_head: nn.Linear | None = None
         if head_init in ("zero", "dueling"):
             head = backbone.get_output_embeddings()
@@ -80,6 +81,26 @@ class TokenQCritic(nn.Module):
         return cls(copy.deepcopy(policy), head_init=head_init, advantage_scale=advantage_scale)
 
     accepts_logits_to_keep = True  # forward(..., logits_to_keep=n): Q at the last n positions only
+
+    def load_policy_weights(self, policy: nn.Module) -> None:
+        """Take the initial weights from ``policy`` after being built on the meta device
+        (FSDP loading, ``core.distributed.build_sharded_models``): the backbone shares the
+        policy's tensors (no copy); a zeroed head and the value head get new zero tensors, so
+        the result equals ``from_policy(policy)``'s."""
+        from etpo_lightning.core.models import share_weights
+
+        share_weights(self.backbone, policy)
+        if self.head_init in ("zero", "dueling"):
+            head = self.backbone.get_output_embeddings()
+            # New tensors, never zero_() in place: the shared storage is the policy's head.
+            head.weight = nn.Parameter(torch.zeros_like(head.weight), requires_grad=head.weight.requires_grad)
+            if getattr(head, "bias", None) is not None:
+                head.bias = nn.Parameter(torch.zeros_like(head.bias), requires_grad=head.bias.requires_grad)
+        if self.value_head is not None:
+            self.value_head.to_empty(device=self.backbone.get_output_embeddings().weight.device)
+            with torch.no_grad():
+                self.value_head.weight.zero_()
+                self.value_head.bias.zero_()
 
     @staticmethod
     def reference_probs(ref_logits: Tensor) -> Tensor:

@@ -222,6 +222,9 @@ class LoRAETPOModule(ETPOModule):
                          critic_advantage_scale=critic_advantage_scale, lam=lam, traces=traces,
                          chunk_size=chunk_size, policy=policy, critic=critic, reference=reference)
 
+    # One frozen base and three adapters: nothing is deep-copied, the base loads as usual.
+    sharded_loading = False
+
     def attach_models(self, policy: nn.Module, critic: nn.Module | None, reference: nn.Module | None) -> None:
         """Wrap the base ``policy`` with the three adapters and build the four views."""
         if critic is not None or reference is not None:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from etpo_lightning.core.base_module import TokenRLModule, frozen
 from etpo_lightning.core.batch import TransitionBatch
+from etpo_lightning.core.models import share_weights
 from etpo_lightning.core.networks import unwrap_module
 from etpo_lightning.etpo.critic import TokenQCritic
 from etpo_lightning.etpo.losses import (
@@ -138,6 +139,11 @@ class ETPOModule(TokenRLModule):
         if any(getattr(unwrap_module(c), "needs_reference", False) for c in critics):
             return TokenQCritic.reference_probs(ref_logits)
         return None
+
+    def load_initial_weights(self, loaded: nn.Module) -> None:
+        """The base class's, then the target critic starts as the critic (shared storage)."""
+        super().load_initial_weights(loaded)
+        share_weights(self.target_critic, self.critic)
 
     @torch.no_grad()
     def bootstrap_values(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:

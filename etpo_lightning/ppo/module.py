@@ -64,6 +64,17 @@ class TokenValueCritic(nn.Module):
         hidden = getattr(policy.config, "hidden_size", None) or policy.get_input_embeddings().embedding_dim
         return cls(copy.deepcopy(base), hidden)
 
+    def load_policy_weights(self, policy: nn.Module) -> None:
+        """Take the initial weights from ``policy`` after being built on the meta device (FSDP
+        loading): the backbone shares the policy's decoder tensors, the value head is zeroed."""
+        from etpo_lightning.core.models import share_weights
+
+        share_weights(self.backbone, policy.base_model)
+        self.value_head.to_empty(device=next(self.backbone.parameters()).device)
+        with torch.no_grad():
+            self.value_head.weight.zero_()
+            self.value_head.bias.zero_()
+
     def forward(
         self,
         input_ids: Tensor,
