@@ -14,9 +14,10 @@ dependency ``pip install etpo-lightning[lora]``):
                        ``update_target_critic`` like the full model's;
   * ``reference``      the base with every adapter disabled: exactly the initial model.
 
-Every network is a small view (``AdapterView``) that activates its adapter on the shared
-``peft`` model for the duration of a call; each view registers only its own adapter's
-parameters, so the base class's optimizers, freezing and Polyak code work unchanged.
+Every network is a small view (``AdapterView``, ``core/lora.py``, shared with
+``LoRAGRPOModule``) that activates its adapter on the shared ``peft`` model for the duration
+of a call; each view registers only its own adapter's parameters, so the base class's
+optimizers, freezing and Polyak code work unchanged.
 
 Switch to it in YAML with ``model: {class_path: etpo_lightning.etpo.LoRAETPOModule, ...}``.
 Not tested under FSDP (see docs/scaling.md); DDP and the precisions work as for ETPOModule.
@@ -24,16 +25,13 @@ Not tested under FSDP (see docs/scaling.md); DDP and the precisions work as for 
 
 from __future__ import annotations
 
-import contextlib
-import copy
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from etpo_lightning.core.base_module import frozen
+from etpo_lightning.core.lora import AdapterView, SharedLoRA, linear_module_names, lora_model
 from etpo_lightning.etpo.losses import DEFAULT_CHUNK_SIZE
 from etpo_lightning.etpo.module import ETPOModule
 
@@ -41,126 +39,6 @@ ADAPTERS = ("policy", "critic", "target_critic")
 _NO_INJECTED_CRITIC = ("LoRAETPOModule builds the critic and the reference from the base model; "
                        "pass only `policy` (the base)")
 TRAINED = ("policy", "critic")
-
-
-def linear_module_names(model: nn.Module, exclude: tuple[str, ...] = ("lm_head",)) -> list[str]:
-    """Names (last component) of the ``nn.Linear`` layers of ``model``, output head excluded."""
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    return sorted(names - set(exclude))
-
-
-def _adapter_of(param_name: str) -> str | None:
-    """The adapter a peft parameter belongs to (``...lora_A.critic.weight`` -> ``critic``)."""
-    parts = param_name.split(".")
-    return next((p for p in parts if p in ADAPTERS), None)
-
-
-class SharedLoRA(nn.Module):
-    """The one ``peft`` model every view runs, and the switch of its active adapter.
-
-    peft's ``set_adapter`` freezes the adapters it deactivates, and ``disable_adapter``
-    freezes all of them; training two adapters in one step needs both trainable, so the
-    intended ``requires_grad`` of every parameter is restored after each switch.
-    """
-
-    def __init__(self, peft_model: nn.Module) -> None:
-        super().__init__()
-        self.peft = peft_model
-        self._active: str | None = None
-        self._flags: list[tuple[nn.Parameter, bool]] = []
-        for name, p in self.peft.named_parameters():
-            p.requires_grad_(_adapter_of(name) in TRAINED)
-            self._flags.append((p, p.requires_grad))
-
-    def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
-        """The parameters of one adapter, in module order (identical order for every adapter)."""
-        return [p for name, p in self.peft.named_parameters() if _adapter_of(name) == adapter]
-
-    def _restore_flags(self) -> None:
-        for p, flag in self._flags:
-            p.requires_grad_(flag)
-
-    def activate(self, adapter: str) -> None:
-        if self._active != adapter:
-            self.peft.base_model.set_adapter(adapter)
-            self._restore_flags()
-            self._active = adapter
-
-    @contextlib.contextmanager
-    def using(self, adapter: str | None, eval_mode: bool = False) -> Iterator[nn.Module]:
-        """Run the peft model with ``adapter`` active (None: all adapters disabled); in eval
-        mode for the frozen networks, whatever mode training put the base in."""
-        was_training = self.peft.training
-        if eval_mode:
-            self.peft.eval()
-        try:
-            if adapter is None:
-                try:
-                    with self.peft.disable_adapter():
-                        yield self.peft
-                finally:
-                    self._restore_flags()
-            else:
-                self.activate(adapter)
-                yield self.peft
-        finally:
-            if eval_mode:
-                self.peft.train(was_training)
-
-
-class AdapterView(nn.Module):
-    """One ETPO network: the shared peft model with one adapter active (or none: the base).
-
-    Registers its own adapter's parameters only (the shared model is held unregistered), so
-    ``view.parameters()`` is what its optimizer trains or what Polyak averages. Trained
-    views pass ``train()``/``eval()`` on to the shared model; frozen views always run it in
-    eval mode. Returns the HF output (policy, reference) or the logits tensor (critics).
-    """
-
-    # Keyword arguments reach the Hugging Face model (``logits_to_keep`` too: outputs at the
-    # last n positions only).
-    accepts_logits_to_keep = True
-
-    def __init__(self, shared: SharedLoRA, adapter: str | None, returns_logits: bool = False) -> None:
-        super().__init__()
-        self.__dict__["shared"] = shared  # not a submodule: the LightningModule owns it once
-        self.adapter = adapter
-        self.returns_logits = returns_logits
-        self.adapter_params = nn.ParameterList(shared.adapter_parameters(adapter) if adapter else [])
-
-    @property
-    def trained(self) -> bool:
-        return self.adapter in TRAINED
-
-    @property
-    def config(self) -> Any:
-        return self.shared.peft.get_base_model().config
-
-    def train(self, mode: bool = True) -> AdapterView:
-        super().train(mode)
-        if self.trained:
-            self.shared.peft.train(mode)
-        return self
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with self.shared.using(self.adapter, eval_mode=not self.trained) as model:
-            out = model(*args, **kwargs)
-        return out.logits if self.returns_logits else out
-
-    def generate(self, *args: Any, **kwargs: Any) -> Tensor:
-        with self.shared.using(self.adapter, eval_mode=not self.trained) as model:
-            return model.generate(*args, **kwargs)
-
-    def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
-        """A plain Hugging Face model with this view's adapter merged into a copy of the base
-        (loadable with ``AutoModelForCausalLM.from_pretrained``; needs one base copy of memory)."""
-        merged = copy.deepcopy(self.shared.peft)
-        if self.adapter is None:
-            model = merged.unload()
-        else:
-            merged.base_model.set_adapter(self.adapter)
-            model = merged.merge_and_unload(adapter_names=[self.adapter])
-        model.save_pretrained(path, **kwargs)
 
 
 class LoRAETPOModule(ETPOModule):
@@ -229,18 +107,12 @@ class LoRAETPOModule(ETPOModule):
         """Wrap the base ``policy`` with the three adapters and build the four views."""
         if critic is not None or reference is not None:
             raise ValueError(_NO_INJECTED_CRITIC)
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError as err:  # optional dependency
-            raise ImportError("LoRAETPOModule needs peft: pip install 'etpo-lightning[lora]'") from err
         hp = self.hparams
         targets = list(hp.target_modules) if hp.target_modules else linear_module_names(policy)
-        common = dict(r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout, bias="none")
         critic_targets = targets + (["lm_head"] if hp.critic_lm_head else [])
-        peft_model = get_peft_model(policy, LoraConfig(target_modules=targets, **common), adapter_name="policy")
-        for name in ("critic", "target_critic"):
-            peft_model.add_adapter(name, LoraConfig(target_modules=critic_targets, **common))
-        self.shared_lora = SharedLoRA(peft_model.train())
+        peft_model = lora_model(policy, dict(zip(ADAPTERS, (targets, critic_targets, critic_targets))),
+                                hp.lora_r, hp.lora_alpha, hp.lora_dropout, owner="LoRAETPOModule")
+        self.shared_lora = SharedLoRA(peft_model.train(), trained=TRAINED)
         with torch.no_grad():  # the target starts as an exact copy of the critic's adapter
             for target, online in zip(self.shared_lora.adapter_parameters("target_critic"),
                                       self.shared_lora.adapter_parameters("critic"), strict=True):
