@@ -1,13 +1,18 @@
 """Two-process CPU DDP (gloo) on the toy environment, and checkpoints that cross world sizes.
 
+ETPO:
 1. one device: 1 batch, checkpoint A;
 2. DDP, 2 ranks (``tests/ddp_fit.py`` in a subprocess): resume from A to 3 batches, checkpoint B;
 3. one device again: resume from B to 4 batches.
+
+GRPO: a 2-rank fit with grouped rollouts (G copies of each task per group), then its
+checkpoint on one device.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +110,94 @@ def test_ddp_two_ranks_and_checkpoints_across_world_sizes(tmp_path: Path, assets
     assert record.start["python_rng"] == saved_b["rng_states"][0]["python"]  # continues as rank 0
     assert len(record.losses) == 1 and not _equal(_state(resumed.policy), ranks[0]["final"]["policy"])
 
+
+def _run_ddp_fit(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``tests/ddp_fit.py`` with ``args``; on a timeout (ranks deadlocked in a collective)
+    kill the whole process group, both ranks, and fail."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"the 2-rank fit did not finish in {timeout} s (ranks out of step?):\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-4000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_grpo_ddp_two_ranks_with_grouped_rollouts(tmp_path: Path, assets: tuple[str, str]) -> None:
+    """GRPOModule under 2-rank DDP: each rank runs whole groups of G copies of its own tasks,
+    gradients are averaged, and the checkpoint loads on one device."""
+    from etpo_lightning import GRPOModule
+
+    model_dir, tok_dir = assets
+    group_size, out = 2, tmp_path / "ddp"
+    _run_ddp_fit([str(out), "--model", model_dir, "--tokenizer", tok_dir, "--algo", "grpo",
+                  "--group-size", str(group_size), "--max-steps", "3"])
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    initial, _ = ddp_fit.build(model_dir, tok_dir, algo="grpo", group_size=group_size)
+    initial.configure_model()
+    initial_policy = _state(initial.policy)
+
+    # Each rank ran its own environments: different seeds, different tasks and groups.
+    assert (ranks[0]["rank_seed"], ranks[1]["rank_seed"]) == (0, 1000)
+    firsts = []
+    for r in ranks:
+        by_episode: dict[tuple[int, int], list[dict]] = {}
+        for t in r["released"]:
+            by_episode.setdefault((t["group_id"], t["group_member"]), []).append(t)
+        group_ids = {g for g, _ in by_episode}
+        assert group_ids == set(range(r["groups_completed"])) and len(group_ids) >= 3
+        for gid in group_ids:
+            # Groups are never split: all G episodes of a group ran on this rank ...
+            members = [by_episode.get((gid, m)) for m in range(group_size)]
+            assert all(members) and len(by_episode) == group_size * len(group_ids)
+            # ... from the same task (first observation), each to its end, with the group's returns.
+            assert len({tuple(steps[0]["prompt"]) for steps in members}) == 1
+            for m, steps in enumerate(members):
+                assert steps[-1]["done"] and not any(s["done"] for s in steps[:-1])
+                assert all(s["group_returns"] == steps[0]["group_returns"] for s in steps)
+                assert steps[0]["group_returns"][m] == pytest.approx(sum(s["reward"] for s in steps))
+        firsts.append({tuple(by_episode[(gid, 0)][0]["prompt"]) for gid in group_ids})
+        # Training batches only hold rows of completed groups of this rank.
+        for batch in r["batches"]:
+            assert set(batch["group_ids"]) <= group_ids and set(batch["group_members"]) <= set(range(group_size))
+    assert firsts[0] != firsts[1]
+    # Not vacuous: groups completed in different collections on the two ranks (multi-step
+    # episodes of different lengths), yet both ranks logged the same rollout statistics.
+    assert ranks[0]["released_per_collection"] != ranks[1]["released_per_collection"]
+    assert [b["stats_keys"] for b in ranks[0]["batches"]] == [b["stats_keys"] for b in ranks[1]["batches"]]
+    assert len(ranks[0]["losses"]) == len(ranks[1]["losses"]) == 3
+    assert ranks[0]["losses"] != ranks[1]["losses"]
+
+    # Averaged gradients: bit-identical policies on both ranks, moved from the initial
+    # weights; the reference is the initial policy on both. No critic anywhere.
+    assert set(ranks[0]["final"]) == {"policy", "reference"}
+    for name in ("policy", "reference"):
+        assert _equal(ranks[0]["final"][name], ranks[1]["final"][name]), name
+    assert _equal(ranks[0]["start"]["policy"], initial_policy)
+    assert not _equal(ranks[0]["final"]["policy"], initial_policy)
+    assert _equal(ranks[0]["final"]["reference"], initial_policy)
+
+    # The DDP checkpoint on one device: loaded for inference, and resumed for one batch.
+    ckpt = out / "ckpt" / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    assert len(saved["rng_states"]) == 2 and len(saved["optimizer_states"]) == 1
+    assert {k.split(".")[0] for k in saved["state_dict"]} == {"policy", "reference"}
+    loaded = GRPOModule.load_from_checkpoint(ckpt, weights_only=False)
+    assert _equal(_state(loaded.policy), ranks[0]["final"]["policy"])
+    assert _equal(_state(loaded.reference), ranks[0]["final"]["reference"])
+    resumed, dm = ddp_fit.build(model_dir, tok_dir, algo="grpo", group_size=group_size)
+    record = ddp_fit.Record(loss_key="train/policy_loss")
+    ddp_fit.trainer(tmp_path / "resumed", 4, record).fit(resumed, datamodule=dm, ckpt_path=str(ckpt),
+                                                        weights_only=False)
+    assert record.start["global_step"] == 3  # one optimizer step per batch
+    assert _equal(record.start["policy"], ranks[0]["final"]["policy"])
+    assert record.start["python_rng"] == saved["rng_states"][0]["python"]  # continues as rank 0
+    assert len(record.losses) == 1
 
 
 def test_ddp_rollout_and_monitor_statistics_are_reduced_across_ranks(tmp_path: Path, assets: tuple[str, str]) -> None:
