@@ -28,6 +28,7 @@ _EXPORTS = {
     "soft_values": "etpo_lightning.etpo.losses",
     "PPOModule": "etpo_lightning.ppo.module",
     "GRPOModule": "etpo_lightning.grpo.module",
+    "LoRAGRPOModule": "etpo_lightning.grpo.lora",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -2,14 +2,19 @@
 
 * ``losses.py``  the mathematics as pure tensor functions (group advantages, the k3 KL
                  estimator, the clipped loss and its aggregation);
-* ``module.py``  ``GRPOModule`` on ``TokenRLModule``.
+* ``module.py``  ``GRPOModule`` on ``TokenRLModule``;
+* ``lora.py``    ``LoRAGRPOModule``: the policy as a LoRA adapter on one frozen base, the
+                 reference that base with the adapter disabled.
 """
 
 from __future__ import annotations
 
 from etpo_lightning._lazy import lazy_exports
 
-_EXPORTS = {"GRPOModule": "etpo_lightning.grpo.module"}
+_EXPORTS = {
+    "GRPOModule": "etpo_lightning.grpo.module",
+    "LoRAGRPOModule": "etpo_lightning.grpo.lora",
+}
 
 __all__ = sorted(_EXPORTS)
 
