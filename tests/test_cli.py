@@ -25,7 +25,8 @@ def _print_config(args):
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("name", ["quickstart", "kaggle", "paper_codellama7b", "ppo_quickstart", "grpo_quickstart"])
+@pytest.mark.parametrize("name", ["quickstart", "kaggle", "paper_codellama7b", "ppo_quickstart", "grpo_quickstart",
+                                  "grpo_lora"])
 def test_config_prints_a_complete_rerunnable_yaml(name, tmp_path):
     printed = _print_config(["fit", "--config", str(CONFIGS / f"{name}.yaml"), "--print_config"])
     config = yaml.safe_load(printed)
