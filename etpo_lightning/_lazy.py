@@ -2,9 +2,9 @@
 
 Two reasons the packages here export lazily: environment worker processes and the sandbox
 import ``etpo_lightning.envs`` and must not pay for torch and Lightning through
-``etpo_lightning/__init__.py``; and ``core.base_module`` imports ``etpo.critic`` and
-``ppo.losses`` while the algorithm modules import ``core.base_module``, so eager
-``__init__`` files in ``etpo/`` and ``ppo/`` would make an import cycle.
+``etpo_lightning/__init__.py``; and ``core.forwards`` imports ``ppo.losses`` while the
+algorithm modules import ``core.base_module``, so an eager ``__init__`` in ``ppo/`` would
+make an import cycle.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The plumbing every algorithm here shares, one job per file.
 
-* ``base_module.py``  ``TokenRLModule``: model set-up, forwards over [prompt | action],
-                      manual optimisation, logging, the hooks subclasses fill in;
+* ``base_module.py``  ``TokenRLModule``: model set-up, manual optimisation, logging, FSDP
+                      and checkpoint hooks, the hooks subclasses fill in;
+* ``forwards.py``     ``TokenForwards``, its forwards over [prompt | action], output heads
+                      applied only where actions are scored;
 * ``state.py``        what a checkpoint adds to Lightning's: RNG states of every rank;
 * ``distributed.py``  FSDP detection, loading on meta / rank 0, sharded gradient clipping,
                       generation and root set-up;
