@@ -1,11 +1,22 @@
-"""Builders shared by the tests: a real tiny Llama and a real BPE tokenizer, made in seconds."""
+"""Builders shared by the tests: a real tiny Llama and a real BPE tokenizer, made in seconds;
+and the runner of ``tests/ddp_fit.py``'s multi-process fits."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from etpo_lightning.core.batch import Transition, TransitionBatch
+
+DDP_FIT = Path(__file__).with_name("ddp_fit.py")
 
 
 def tiny_llama(vocab_size: int = 64, seed: int = 0, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
@@ -24,6 +35,40 @@ def tiny_llama(vocab_size: int = 64, seed: int = 0, hidden: int = 32, layers: in
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def word_tokenizer(words: Iterable[str], vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A BPE tokenizer trained on the toy task's prompts, answers and reflections for ``words``."""
+    from etpo_lightning.tiny_coder.tokenizer import train_tokenizer
+
+    texts = [f"Say the word '{w}'.\nAnswer: {w}\nYour previous answer was 'x': wrong." for w in words] * 5
+    return train_tokenizer(texts, vocab_size=vocab_size)
+
+
+def save_tiny_assets(root: Path, tokenizer: PreTrainedTokenizerFast, seed: int = 1) -> tuple[str, str]:
+    """Save ``tokenizer`` and a tiny Llama over its vocabulary (its EOS and pad tokens) under
+    ``root``, to be loaded by path in other processes: ``(model_dir, tokenizer_dir)``."""
+    tokenizer.save_pretrained(root / "tok")
+    model = tiny_llama(len(tokenizer), seed=seed)
+    model.config.eos_token_id, model.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model.save_pretrained(root / "model")
+    return str(root / "model"), str(root / "tok")
+
+
+def run_ddp_fit(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``tests/ddp_fit.py`` with ``args`` (it starts the ranks); on a timeout (ranks
+    deadlocked in a collective) kill the whole process group, every rank, and fail."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(DDP_FIT.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(DDP_FIT), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"the multi-process fit did not finish in {timeout} s (ranks out of step?):\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stderr[-4000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def random_transition_batch(vocab_size: int = 64, batch: int = 4, seed: int = 0) -> TransitionBatch:

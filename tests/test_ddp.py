@@ -11,10 +11,6 @@ checkpoint on one device.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,24 +18,15 @@ import torch
 
 import ddp_fit
 from etpo_lightning.envs.toy import DEFAULT_WORDS
-from etpo_lightning.tiny_coder.tokenizer import train_tokenizer
-from helpers import tiny_llama
+from helpers import run_ddp_fit, save_tiny_assets, word_tokenizer
 
-SCRIPT = Path(__file__).with_name("ddp_fit.py")
 NETWORKS = ("policy", "critic", "target_critic", "reference")
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """A saved tokenizer and tiny Llama, loaded by path in every process (configure_model path)."""
-    root = tmp_path_factory.mktemp("assets")
-    texts = [f"Say the word '{w}'.\nAnswer: {w}\nYour previous answer was 'x': wrong." for w in DEFAULT_WORDS] * 5
-    tok = train_tokenizer(texts, vocab_size=300)
-    tok.save_pretrained(root / "tok")
-    model = tiny_llama(len(tok), seed=1)
-    model.config.eos_token_id, model.config.pad_token_id = tok.eos_token_id, tok.pad_token_id
-    model.save_pretrained(root / "model")
-    return str(root / "model"), str(root / "tok")
+    return save_tiny_assets(tmp_path_factory.mktemp("assets"), word_tokenizer(DEFAULT_WORDS))
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -63,13 +50,7 @@ def test_ddp_two_ranks_and_checkpoints_across_world_sizes(tmp_path: Path, assets
 
     # 2. DDP, resuming from the single-device checkpoint.
     out = tmp_path / "ddp"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), "--model", model_dir, "--tokenizer", tok_dir,
-         "--ckpt", str(ckpt_a), "--max-steps", "3"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ddp_fit([str(out), "--model", model_dir, "--tokenizer", tok_dir, "--ckpt", str(ckpt_a), "--max-steps", "3"])
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
 
@@ -111,22 +92,6 @@ def test_ddp_two_ranks_and_checkpoints_across_world_sizes(tmp_path: Path, assets
     assert len(record.losses) == 1 and not _equal(_state(resumed.policy), ranks[0]["final"]["policy"])
 
 
-def _run_ddp_fit(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``tests/ddp_fit.py`` with ``args``; on a timeout (ranks deadlocked in a collective)
-    kill the whole process group, both ranks, and fail."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        pytest.fail(f"the 2-rank fit did not finish in {timeout} s (ranks out of step?):\n{stderr[-3000:]}")
-    assert proc.returncode == 0, stderr[-4000:]
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
-
-
 def test_grpo_ddp_two_ranks_with_grouped_rollouts(tmp_path: Path, assets: tuple[str, str]) -> None:
     """GRPOModule under 2-rank DDP: each rank runs whole groups of G copies of its own tasks,
     gradients are averaged, and the checkpoint loads on one device."""
@@ -134,8 +99,8 @@ def test_grpo_ddp_two_ranks_with_grouped_rollouts(tmp_path: Path, assets: tuple[
 
     model_dir, tok_dir = assets
     group_size, out = 2, tmp_path / "ddp"
-    _run_ddp_fit([str(out), "--model", model_dir, "--tokenizer", tok_dir, "--algo", "grpo",
-                  "--group-size", str(group_size), "--max-steps", "3"])
+    run_ddp_fit([str(out), "--model", model_dir, "--tokenizer", tok_dir, "--algo", "grpo",
+                 "--group-size", str(group_size), "--max-steps", "3"])
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     initial, _ = ddp_fit.build(model_dir, tok_dir, algo="grpo", group_size=group_size)
@@ -210,13 +175,8 @@ def test_ddp_rollout_and_monitor_statistics_are_reduced_across_ranks(tmp_path: P
     reward maxima differ, so their mean is not the maximum."""
     model_dir, tok_dir = assets
     out = tmp_path / "stats"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), "--model", model_dir, "--tokenizer", tok_dir,
-         "--max-steps", "3", "--env", "seeded", "--monitor"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ddp_fit([str(out), "--model", model_dir, "--tokenizer", tok_dir, "--max-steps", "3", "--env", "seeded",
+                 "--monitor"])
     r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False)["steps"] for r in (0, 1))
     assert len(r0) == len(r1) == 3
     # The test can tell a max from a mean: the ranks' own maxima and minima differ.

@@ -10,9 +10,6 @@ of the four networks its own FSDP unit, with the critic and its target wrapped a
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +21,7 @@ from torch.utils.data import DataLoader
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM
 
 from etpo_lightning import ETPOModule
-from helpers import random_transition_batch, tiny_llama
+from helpers import random_transition_batch, run_ddp_fit, save_tiny_assets, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64
@@ -145,17 +142,10 @@ def test_fsdp_two_gpus_rollout_and_sync(tmp_path: Path) -> None:
     from etpo_lightning.tiny_coder.tokenizer import train_tokenizer
 
     tok = train_tokenizer(["Say the word 'apple'.\nAnswer: apple river stone cloud"] * 10, vocab_size=300)
-    tok.save_pretrained(tmp_path / "tok")
-    model = tiny_llama(len(tok), seed=1)
-    model.config.eos_token_id, model.config.pad_token_id = tok.eos_token_id, tok.pad_token_id
-    model.save_pretrained(tmp_path / "model")
+    model_dir, tok_dir = save_tiny_assets(tmp_path, tok, seed=1)
     out = tmp_path / "fsdp"
-    script = Path(__file__).with_name("ddp_fit.py")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(script), str(out), "--model", str(tmp_path / "model"),
-                           "--tokenizer", str(tmp_path / "tok"), "--max-steps", "3", "--strategy", "fsdp",
-                           "--accelerator", "gpu"], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ddp_fit([str(out), "--model", model_dir, "--tokenizer", tok_dir, "--max-steps", "3", "--strategy", "fsdp",
+                 "--accelerator", "gpu"], timeout=600)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["prompts"] != ranks[1]["prompts"]
     for name in NETWORKS:

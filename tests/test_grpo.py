@@ -20,25 +20,15 @@ from etpo_lightning import GRPOModule, Transition, TransitionBatch
 from etpo_lightning.datamodules.rollout import RolloutDataModule
 from etpo_lightning.envs import KeywordEnv, VectorEnv
 from etpo_lightning.grpo.losses import aggregate, group_advantages, grpo_loss, k3_kl, row_advantages
-from etpo_lightning.tiny_coder.tokenizer import train_tokenizer
-from helpers import random_transition_batch, tiny_llama
+from helpers import random_transition_batch, tiny_llama, word_tokenizer
 
 VOCAB = 64
 WORDS = ("apple", "river", "stone", "cloud", "tiger", "maple", "piano", "ocean")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    texts = [f"Say the word '{w}'.\nAnswer: {w}\nYour previous answer was 'x': wrong." for w in WORDS] * 5
-    return train_tokenizer(texts, vocab_size=300)
+    return word_tokenizer(WORDS)
 
 
 def _mask(lengths, width):

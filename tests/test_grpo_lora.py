@@ -19,7 +19,7 @@ from etpo_lightning import GRPOModule, TokenRLModule
 from etpo_lightning.datamodules.rollout import RolloutDataModule
 from etpo_lightning.grpo.losses import grpo_loss, row_advantages
 from ddp_fit import UnevenKeywordEnv
-from helpers import tiny_llama
+from helpers import tiny_llama, word_tokenizer
 from test_grpo import VOCAB, WORDS, _fit, _grouped_batch, _rollout_data
 
 pytest.importorskip("peft")
@@ -29,20 +29,9 @@ from etpo_lightning.core.lora import AdapterView  # noqa: E402
 LORA_R, LORA_ALPHA = 4, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    from etpo_lightning.tiny_coder.tokenizer import train_tokenizer
-
-    texts = [f"Say the word '{w}'.\nAnswer: {w}\nYour previous answer was 'x': wrong." for w in WORDS] * 5
-    return train_tokenizer(texts, vocab_size=300)
+    return word_tokenizer(WORDS)
 
 
 def _module(base: torch.nn.Module, **kwargs: Any) -> LoRAGRPOModule:

@@ -11,15 +11,12 @@ from etpo_lightning import ETPOModule, TransitionBatch
 from etpo_lightning.callbacks import KLMonitor, RolloutRefresh
 from etpo_lightning.datamodules.rollout import RolloutDataModule
 from etpo_lightning.envs import KeywordEnv
-from etpo_lightning.tiny_coder.tokenizer import train_tokenizer
-from helpers import tiny_llama
+from helpers import tiny_llama, word_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    texts = [f"Say the word '{w}'.\nAnswer: {w}\nYour previous answer was 'x': wrong." for w in
-             ("apple", "river", "stone", "cloud", "tiger", "maple", "piano", "ocean")] * 5
-    return train_tokenizer(texts, vocab_size=300)
+    return word_tokenizer(("apple", "river", "stone", "cloud", "tiger", "maple", "piano", "ocean"))
 
 
 def _setup(tokenizer, **dm_kwargs):

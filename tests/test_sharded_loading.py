@@ -10,9 +10,6 @@ rank): FSDP itself refuses CPU-only execution, see tests/test_gpu.py for the GPU
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +21,7 @@ from torch import nn
 
 import etpo_lightning.core.models as models
 from etpo_lightning import ETPOModule, PPOModule
-from helpers import tiny_llama
+from helpers import run_ddp_fit, save_tiny_assets, tiny_llama, word_tokenizer
 
 NETWORKS = ("policy", "reference", "critic", "target_critic")
 
@@ -172,29 +169,20 @@ def test_fsdp_two_gpus_loads_sharded_and_matches_a_single_process(tmp_path: Path
     four networks end identical across ranks."""
     import ddp_fit
     from etpo_lightning.envs.toy import DEFAULT_WORDS
-    from etpo_lightning.tiny_coder.tokenizer import train_tokenizer
 
-    texts = [f"Say the word '{w}'.\nAnswer: {w}\nYour previous answer was 'x': wrong." for w in DEFAULT_WORDS] * 5
-    tok = train_tokenizer(texts, vocab_size=300)
-    tok.save_pretrained(tmp_path / "tok")
-    model = tiny_llama(len(tok), seed=1)
-    model.config.eos_token_id, model.config.pad_token_id = tok.eos_token_id, tok.pad_token_id
-    model.save_pretrained(tmp_path / "model")
+    tok = word_tokenizer(DEFAULT_WORDS)
+    model_dir, tok_dir = save_tiny_assets(tmp_path, tok, seed=1)
     out = tmp_path / "fsdp"
-    script = Path(ddp_fit.__file__)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(script), str(out), "--model", str(tmp_path / "model"),
-                           "--tokenizer", str(tmp_path / "tok"), "--max-steps", "2", "--strategy", "fsdp",
-                           "--accelerator", "gpu"], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ddp_fit([str(out), "--model", model_dir, "--tokenizer", tok_dir, "--max-steps", "2", "--strategy", "fsdp",
+                 "--accelerator", "gpu"], timeout=600)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-    want = {k: v.float() for k, v in model.state_dict().items()}
+    want = {k: v.float() for k, v in tiny_llama(len(tok), seed=1).state_dict().items()}  # the saved weights
     for r in ranks:  # rank 1 never read the checkpoint, yet starts from it
         start = {k: v for k, v in r["start"]["policy"].items() if k in want}
         assert len(start) == len([k for k in want if "rotary" not in k])  # every weight compared
         assert all(torch.equal(v.float(), want[k]) for k, v in start.items())
     for r in ranks:
-        single, _ = ddp_fit.build(str(tmp_path / "model"), str(tmp_path / "tok"))
+        single, _ = ddp_fit.build(model_dir, tok_dir)
         single.configure_model()
         with torch.no_grad():
             out_single = single.compute_losses(r["first_batch"])
