@@ -110,7 +110,7 @@ class PPOModule(TokenRLModule):
     Advantages use the critic's values at the time of the step: batches hold no
     rollout-time values. For the same reason there is no value clipping (PPO2's clip of
     V around the rollout-time V_old): with no V_old it has no centre. The pure
-    ``ppo_losses.value_loss`` still offers it for callers that have V_old.
+    ``etpo_lightning.ppo.losses.value_loss`` still offers it for callers that have V_old.
 
     Per token j of an action of n tokens, with c = 1 (``token_discount="none"``) or gamma:
         r_j   = -beta_kl (log pi_old(w_j|h_j) - log rho(w_j|h_j)) + [j = n-1] r
