@@ -71,6 +71,21 @@ def run_ddp_fit(args: list[str], timeout: int = 300) -> subprocess.CompletedProc
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+def fit_then_resume_through_cli(config: dict, tmp_path: Path, max_steps: int):
+    """``etpo fit`` with ``config`` (its ModelCheckpoint writes ``tmp_path/ckpt/last.ckpt``),
+    then ``etpo fit --ckpt_path last.ckpt`` of the same config up to ``max_steps``; returns the
+    resumed run's LightningCLI."""
+    import yaml
+
+    from etpo_lightning.cli.main import cli_main
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli_main(["fit", "--config", str(path)])
+    return cli_main(["fit", "--config", str(path), f"--trainer.max_steps={max_steps}",
+                     "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
+
+
 def random_transition_batch(vocab_size: int = 64, batch: int = 4, seed: int = 0) -> TransitionBatch:
     """Prompts and actions of different lengths, some episodes done, some not."""
     g = torch.Generator().manual_seed(seed)

@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
-import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -20,7 +19,7 @@ from etpo_lightning import GRPOModule, Transition, TransitionBatch
 from etpo_lightning.datamodules.rollout import RolloutDataModule
 from etpo_lightning.envs import KeywordEnv, VectorEnv
 from etpo_lightning.grpo.losses import aggregate, group_advantages, grpo_loss, k3_kl, row_advantages
-from helpers import random_transition_batch, tiny_llama, word_tokenizer
+from helpers import fit_then_resume_through_cli, random_transition_batch, tiny_llama, word_tokenizer
 
 VOCAB = 64
 WORDS = ("apple", "river", "stone", "cloud", "tiger", "maple", "piano", "ocean")
@@ -363,8 +362,6 @@ def test_resume_with_grouped_rollouts_is_exact(tmp_path, tokenizer):
 
 def test_cli_fit_and_resume(tmp_path, tokenizer):
     """``etpo fit --config X`` with GRPOModule, then ``--ckpt_path last.ckpt``."""
-    from etpo_lightning.cli.main import cli_main
-
     model_dir = tmp_path / "model"
     tokenizer.save_pretrained(model_dir)
     dropout_llama(len(tokenizer)).save_pretrained(model_dir)
@@ -382,10 +379,6 @@ def test_cli_fit_and_resume(tmp_path, tokenizer):
                                   {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
                                    "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}]},
     }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    cli_main(["fit", "--config", str(path)])
-    resumed = cli_main(["fit", "--config", str(path), "--trainer.max_steps=2",
-                        "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
+    resumed = fit_then_resume_through_cli(config, tmp_path, max_steps=2)
     assert isinstance(resumed.model, GRPOModule)
     assert resumed.trainer.global_step == 2  # it continued from batch 1

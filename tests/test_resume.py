@@ -29,7 +29,7 @@ from etpo_lightning import ETPOModule, TransitionBatch
 from etpo_lightning.datamodules.rollout import RolloutDataModule
 from etpo_lightning.envs import KeywordEnv
 from etpo_lightning.tiny_coder.tokenizer import train_tokenizer
-from helpers import random_transition_batch
+from helpers import fit_then_resume_through_cli, random_transition_batch
 
 VOCAB = 64
 HPARAMS = dict(beta=0.1, gamma=0.9, policy_lr=3e-3, critic_lr=3e-3, tau=0.1)
@@ -177,10 +177,6 @@ def test_resume_with_rollouts_is_exact(tmp_path: Path, tokenizer) -> None:
 
 def test_cli_resume_from_ckpt_path(tmp_path: Path, tokenizer) -> None:
     """The user's path: ``etpo fit --config X`` then ``etpo fit --config X --ckpt_path last.ckpt``."""
-    import yaml
-
-    from etpo_lightning.cli.main import cli_main
-
     model_dir = tmp_path / "model"
     tokenizer.save_pretrained(model_dir)
     dropout_llama(len(tokenizer)).save_pretrained(model_dir)
@@ -196,9 +192,5 @@ def test_cli_resume_from_ckpt_path(tmp_path: Path, tokenizer) -> None:
                     "callbacks": [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
                                    "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}]},
     }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    cli_main(["fit", "--config", str(path)])
-    resumed = cli_main(["fit", "--config", str(path), "--trainer.max_steps=2",
-                        "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt")])
+    resumed = fit_then_resume_through_cli(config, tmp_path, max_steps=2)
     assert resumed.trainer.global_step == 4  # 2 batches x 2 optimizer steps: it continued from 1
