@@ -18,6 +18,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from etpo_lightning.core.networks import wrapper_layers
+
 TINY_CODER = "tiny-sklearn-coder"
 """Alias of the offline base model: built locally on first use (see ``etpo_lightning.tiny_coder``)."""
 
@@ -142,15 +144,10 @@ def accepts_logits_to_keep(model: nn.Module) -> bool:
     positions only (Hugging Face causal LMs, ``TokenQCritic``, ``TokenValueCritic``, the LoRA
     views); wrappers (``torch.compile``, DDP/FSDP) are looked through. Models that do not say
     so are called without it and their outputs sliced afterwards."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if getattr(type(model), "accepts_logits_to_keep", False):
-            return True
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "_fsdp_wrapped_module", None) or getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            break
-        model = inner
+    layers = list(wrapper_layers(model))
+    if any(getattr(type(layer), "accepts_logits_to_keep", False) for layer in layers):
+        return True
+    model = layers[-1]
     if "forward" in vars(model):  # an instance-level forward (a patched model)
         return _takes_logits_to_keep(model.forward)
     return _class_takes_logits_to_keep(type(model))

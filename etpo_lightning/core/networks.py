@@ -12,15 +12,23 @@ from typing import Any
 from torch import nn
 
 
-def unwrap_module(model: nn.Module) -> nn.Module:
-    """The module inside ``torch.compile``'s ``OptimizedModule`` and FSDP wrappers (itself if none)."""
+def wrapper_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` and every module inside it that a wrapper holds: ``torch.compile``'s
+    ``OptimizedModule`` (``_orig_mod``), DDP and FSDP (``module``), outermost first."""
     while True:
+        yield model
         inner = getattr(model, "_orig_mod", None)  # torch.compile
-        if inner is None and type(model).__name__ == "FullyShardedDataParallel":
+        if inner is None and type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel"):
             inner = model.module
         if not isinstance(inner, nn.Module):
-            return model
+            return
         model = inner
+
+
+def unwrap_module(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile``, DDP and FSDP wrappers (itself if none)."""
+    *_, inner = wrapper_layers(model)
+    return inner
 
 
 @functools.cache
