@@ -34,11 +34,11 @@ class KLMonitor(pl.Callback):
     of the policy on the sampled actions (``monitor/kl``, ``monitor/entropy``) and the
     policy's perplexity on a held-out corpus (``monitor/perplexity``, torchmetrics).
 
-    When ``kl_threshold`` is set and the KL passes it, ``on_threshold`` decides: ``warn``;
-    ``stop`` (ends fit); ``adapt_beta`` (multiplies the module's KL coefficient
-    ``kl_coef``, the ``beta`` or ``beta_kl`` the losses use, by
-    ``1 + adapt_rate * clip(KL / target_kl - 1, -0.2, 0.2)`` after every collection, the
-    adaptive KL controller of RLHF, steering KL towards ``target_kl``). The module's
+    When ``kl_threshold`` is set and the KL passes it, ``on_threshold`` decides: ``warn`` or
+    ``stop`` (ends fit). ``adapt_beta`` is the adaptive KL controller of RLHF instead: after
+    every collection it multiplies the module's KL coefficient ``kl_coef`` (the ``beta`` or
+    ``beta_kl`` the losses use) by ``1 + adapt_rate * clip(KL / target_kl - 1, -0.2, 0.2)``,
+    steering KL towards ``target_kl`` (default ``kl_threshold``). The module's
     hyperparameters are never changed: they keep the initial value the run was configured
     with; the adapted one is logged as ``monitor/beta`` and saved in checkpoints (the
     module's and this callback's state).
@@ -51,7 +51,7 @@ class KLMonitor(pl.Callback):
         batch_size: Texts or transitions per forward pass.
         kl_threshold: KL (nats per token) that triggers ``on_threshold``; None disables it.
         on_threshold: ``warn``, ``stop`` or ``adapt_beta``.
-        target_kl: Target of ``adapt_beta`` (default ``kl_threshold``).
+        target_kl: Target of ``adapt_beta`` (default ``kl_threshold``); only with ``adapt_beta``.
         adapt_rate: Step size of ``adapt_beta``.
     """
 
@@ -68,6 +68,11 @@ class KLMonitor(pl.Callback):
     ) -> None:
         if on_threshold not in ("warn", "stop", "adapt_beta"):
             raise ValueError(f"on_threshold must be 'warn', 'stop' or 'adapt_beta', got {on_threshold!r}")
+        if on_threshold == "adapt_beta" and target_kl is None and kl_threshold is None:
+            raise ValueError("on_threshold='adapt_beta' needs target_kl (or kl_threshold): the KL it steers towards")
+        if target_kl is not None and on_threshold != "adapt_beta":
+            raise ValueError(f"target_kl is the target of on_threshold='adapt_beta'; with on_threshold="
+                             f"{on_threshold!r} it would be ignored (set kl_threshold instead)")
         self.heldout_path = heldout_path
         self.heldout_max_texts = heldout_max_texts
         self.max_length = max_length
@@ -166,13 +171,13 @@ class KLMonitor(pl.Callback):
         pl_module.log_dict(self.last, prog_bar=False)
 
     def _guard(self, trainer: pl.Trainer, pl_module: pl.LightningModule, kl: float) -> None:
-        if self.kl_threshold is None:
-            return
+        # adapt_beta steers towards its target after every collection, whether or not the
+        # KL passed a threshold (target_kl alone is enough to switch it on).
         if self.on_threshold == "adapt_beta":
             error = max(-0.2, min(0.2, kl / self.target_kl - 1.0))
             pl_module.kl_coef = float(pl_module.kl_coef) * (1.0 + self.adapt_rate * error)
             self.beta = pl_module.kl_coef
-        elif kl > self.kl_threshold:
+        elif self.kl_threshold is not None and kl > self.kl_threshold:
             message = f"KL(pi||rho) = {kl:.4f} nats/token passed kl_threshold={self.kl_threshold}"
             if self.on_threshold == "stop":
                 warnings.warn(message + ": stopping fit", RuntimeWarning, stacklevel=2)

@@ -246,3 +246,17 @@ def test_the_same_seed_reproduces_the_run(tokenizer, tmp_path):
     pd.testing.assert_frame_equal(metrics_a, metrics_b)
     assert "rollout/reward_mean" in metrics_a and metrics_a["train/q_loss"].notna().sum() == 6
     assert any(not torch.equal(a, c) for a, c in zip(params_a, params_c))
+
+
+def test_adapt_beta_needs_a_target_and_adapts_with_target_kl_alone():
+    with pytest.raises(ValueError, match="needs target_kl"):
+        KLMonitor(on_threshold="adapt_beta")
+    with pytest.raises(ValueError, match="would be ignored"):
+        KLMonitor(target_kl=0.05)  # on_threshold='warn' never reads a target
+    # target_kl without kl_threshold used to be a silent no-op: beta never moved.
+    monitor = KLMonitor(on_threshold="adapt_beta", target_kl=0.05, adapt_rate=0.1)
+    module = type("M", (), {"kl_coef": 0.1})()
+    for kl, factor in ((0.16, 1.02), (0.05, 1.0), (0.045, 0.99)):  # clip(0.16/0.05 - 1) = 0.2
+        before = module.kl_coef
+        monitor._guard(None, module, kl)
+        assert module.kl_coef == pytest.approx(before * factor, rel=1e-12) and monitor.beta == module.kl_coef
