@@ -242,7 +242,9 @@ def test_compute_losses_match_an_independent_computation(token_discount):
     assert out["clip_fraction"].item() == pytest.approx(((ratio - 1).abs() > 0.2).float().mean().item())
     assert 0 < out["clip_fraction"].item() < 1
     assert out["approx_kl"].item() == pytest.approx((ratio - 1 - ratio.log()).mean().item(), rel=1e-5)
-    assert out["kl"].item() == 0.0  # the policy is still the reference
+    # The policy is still the reference: zero up to float rounding, as the two forwards (with
+    # and without autograd) may take different kernels; -1.7e-9 on an AVX2 CPU.
+    assert out["kl"].item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_without_old_logprobs_the_step_is_a_plain_policy_gradient():
