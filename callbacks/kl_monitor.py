@@ -38,7 +38,9 @@ class KLMonitor(pl.Callback):
     ``stop`` (ends fit). ``adapt_beta`` is the adaptive KL controller of RLHF instead: after
     every collection it multiplies the module's KL coefficient ``kl_coef`` (the ``beta`` or
     ``beta_kl`` the losses use) by ``1 + adapt_rate * clip(KL / target_kl - 1, -0.2, 0.2)``,
-    steering KL towards ``target_kl`` (default ``kl_threshold``). The module's
+    steering KL towards ``target_kl`` (default ``kl_threshold``), and never below ``min_beta``
+    when one is set: a floor turns the controller into a one-sided KL cap that only tightens.
+    The module's
     hyperparameters are never changed: they keep the initial value the run was configured
     with; the adapted one is logged as ``monitor/beta`` and saved in checkpoints (the
     module's and this callback's state).
@@ -53,6 +55,10 @@ class KLMonitor(pl.Callback):
         on_threshold: ``warn``, ``stop`` or ``adapt_beta``.
         target_kl: Target of ``adapt_beta`` (default ``kl_threshold``); only with ``adapt_beta``.
         adapt_rate: Step size of ``adapt_beta``.
+        min_beta: Floor of the adapted coefficient (``adapt_beta`` only); None lets it fall
+            freely. Early in a run the KL is far below any target, so an unfloored controller
+            first lowers beta, just when the critic is least trustworthy: with ETPO the policy
+            then followed the critic's noisy early gaps (docs/results.md).
     """
 
     def __init__(
@@ -65,6 +71,7 @@ class KLMonitor(pl.Callback):
         on_threshold: Literal["warn", "stop", "adapt_beta"] = "warn",
         target_kl: float | None = None,
         adapt_rate: float = 0.1,
+        min_beta: float | None = None,
     ) -> None:
         if on_threshold not in ("warn", "stop", "adapt_beta"):
             raise ValueError(f"on_threshold must be 'warn', 'stop' or 'adapt_beta', got {on_threshold!r}")
@@ -73,6 +80,11 @@ class KLMonitor(pl.Callback):
         if target_kl is not None and on_threshold != "adapt_beta":
             raise ValueError(f"target_kl is the target of on_threshold='adapt_beta'; with on_threshold="
                              f"{on_threshold!r} it would be ignored (set kl_threshold instead)")
+        if min_beta is not None and on_threshold != "adapt_beta":
+            raise ValueError(f"min_beta is the floor of on_threshold='adapt_beta'; with on_threshold="
+                             f"{on_threshold!r} beta never changes and it would be ignored")
+        if min_beta is not None and not min_beta > 0:
+            raise ValueError(f"min_beta must be > 0, got {min_beta}")
         self.heldout_path = heldout_path
         self.heldout_max_texts = heldout_max_texts
         self.max_length = max_length
@@ -81,6 +93,7 @@ class KLMonitor(pl.Callback):
         self.on_threshold = on_threshold
         self.target_kl = target_kl if target_kl is not None else kl_threshold
         self.adapt_rate = adapt_rate
+        self.min_beta = min_beta
         self._seen_collections = -1
         self._heldout: list[str] | None = None
         self.beta: float | None = None  # the adapted beta, restored on resume
@@ -176,6 +189,8 @@ class KLMonitor(pl.Callback):
         if self.on_threshold == "adapt_beta":
             error = max(-0.2, min(0.2, kl / self.target_kl - 1.0))
             pl_module.kl_coef = float(pl_module.kl_coef) * (1.0 + self.adapt_rate * error)
+            if self.min_beta is not None:
+                pl_module.kl_coef = max(pl_module.kl_coef, self.min_beta)
             self.beta = pl_module.kl_coef
         elif self.kl_threshold is not None and kl > self.kl_threshold:
             message = f"KL(pi||rho) = {kl:.4f} nats/token passed kl_threshold={self.kl_threshold}"

@@ -260,3 +260,22 @@ def test_adapt_beta_needs_a_target_and_adapts_with_target_kl_alone():
         before = module.kl_coef
         monitor._guard(None, module, kl)
         assert module.kl_coef == pytest.approx(before * factor, rel=1e-12) and monitor.beta == module.kl_coef
+
+
+def test_min_beta_floors_the_adaptive_controller():
+    with pytest.raises(ValueError, match="floor of on_threshold='adapt_beta'"):
+        KLMonitor(kl_threshold=0.1, min_beta=0.1)
+    with pytest.raises(ValueError, match="min_beta must be > 0"):
+        KLMonitor(on_threshold="adapt_beta", target_kl=0.1, min_beta=0.0)
+    monitor = KLMonitor(on_threshold="adapt_beta", target_kl=0.1, adapt_rate=0.5, min_beta=0.1)
+    module = type("M", (), {"kl_coef": 0.1})()
+    # KL far below target: an unfloored controller would give 0.1 * 0.9 = 0.09; the floor holds 0.1.
+    monitor._guard(None, module, 0.0)
+    assert module.kl_coef == 0.1 and monitor.beta == 0.1
+    # Above target it still tightens, 0.1 * (1 + 0.5 * 0.2) = 0.11, then relaxes down to the floor only.
+    monitor._guard(None, module, 0.3)
+    assert module.kl_coef == pytest.approx(0.11, rel=1e-12)
+    monitor._guard(None, module, 0.095)  # clip(0.95 - 1) = -0.05: 0.11 * 0.975 = 0.10725
+    assert module.kl_coef == pytest.approx(0.10725, rel=1e-12)
+    monitor._guard(None, module, 0.0)  # 0.10725 * 0.9 = 0.0965 < floor
+    assert module.kl_coef == 0.1
