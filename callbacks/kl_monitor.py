@@ -40,9 +40,8 @@ class KLMonitor(pl.Callback):
     ``beta_kl`` the losses use) by ``1 + adapt_rate * clip(KL / target_kl - 1, -0.2, 0.2)``,
     steering KL towards ``target_kl`` (default ``kl_threshold``), and never below ``min_beta``
     when one is set: a floor turns the controller into a one-sided KL cap that only tightens.
-    The module's
-    hyperparameters are never changed: they keep the initial value the run was configured
-    with; the adapted one is logged as ``monitor/beta`` and saved in checkpoints (the
+    The module's hyperparameters are never changed: they keep the initial value the run was
+    configured with; the adapted one is logged as ``monitor/beta`` and saved in checkpoints (the
     module's and this callback's state).
 
     Args:
