@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
             entry[ckpt] = {"reward_mean": [e["reward_mean"] for e in evals],
                            "gain": [e["reward_mean"] - base["reward_mean"] for e in evals],
                            "success_rate": [e["success_rate"] for e in evals],
-                           "auc_best": [e["auc_best"] for e in evals]}
+                           "auc_best": [e["auc_best"] for e in evals],
+                           "auc_mean": [e["auc_mean"] for e in evals],
+                           "errors": [e["errors"] for e in evals]}
             print(f"{label} {ckpt}: gains {[round(g, 3) for g in entry[ckpt]['gain']]}", flush=True)
         summary[label] = entry
 
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
                for a, b in itertools.combinations(summary, 2)}
         for ckpt in args.checkpoints
     }
-    table = _tables(summary, comparisons, base, args)
+    table = _tables(summary, comparisons, base, args) + "\n\n" + failure_table(summary, base, args.checkpoints, args.samples)
     out = {"runs": {k: str(v) for k, v in runs.items()}, "base_model": args.base,
            "base_model_sha256": model_checksum(args.base), "base": base, "samples": args.samples,
            "eval_seed": args.eval_seed, "reach": args.reach, "smooth": args.smooth, "summary": summary,
@@ -162,6 +164,31 @@ def _tables(summary: dict, comparisons: dict, base: dict, args: argparse.Namespa
         for name, w in pairs.items():
             lines.append(f"| {ckpt} | {name} | {w['diff']:+.3f} | [{w['ci95'][0]:+.3f}, {w['ci95'][1]:+.3f}] | "
                          f"{w['p']:.3f} |")
+    return "\n".join(lines)
+
+
+def failure_table(summary: dict, base: dict, checkpoints: list[str], samples: int) -> str:
+    """Where each model's programs fail, mean over seeds: the success rate and the mean AUC of the
+    programs that ran (how good the code is) beside the failures by kind (how often it breaks), so
+    that a gain can be read as better programs or as fewer broken ones."""
+    rows = [("base", "", [base])] + [(label, ckpt, [{"success_rate": sr, "auc_mean": auc, "errors": err}
+                                                    for sr, auc, err in zip(s[ckpt]["success_rate"],
+                                                                            s[ckpt]["auc_mean"], s[ckpt]["errors"])])
+                                     for label, s in summary.items() for ckpt in checkpoints if "errors" in s[ckpt]]
+    totals: dict[str, int] = {}
+    for _, _, evals in rows:
+        for e in evals:
+            for kind, n in e["errors"].items():
+                totals[kind] = totals.get(kind, 0) + n
+    kinds = sorted(totals, key=lambda k: (-totals[k], k))
+    lines = [f"Failures per {samples} programs by kind (mean over seeds), and the mean AUC of the programs that ran:", "",
+             "| agent | checkpoint | success rate | mean AUC of programs that ran | "
+             + " | ".join(kinds) + " |",
+             "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in kinds) + " |"]
+    for label, ckpt, evals in rows:
+        counts = [statistics.mean(e["errors"].get(k, 0) for e in evals) for k in kinds]
+        lines.append(f"| {label} | {ckpt} | {statistics.mean(e['success_rate'] for e in evals):.3f} | "
+                     f"{statistics.mean(e['auc_mean'] for e in evals):.3f} | " + " | ".join(f"{c:.1f}" for c in counts) + " |")
     return "\n".join(lines)
 
 
