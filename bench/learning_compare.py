@@ -26,6 +26,7 @@ import itertools
 import json
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -35,6 +36,12 @@ RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
 from learning import evaluate_model, mean_std, model_checksum  # noqa: E402
+
+
+def parse_runs(items: list[str]) -> dict[str, Path]:
+    """``--run LABEL=DIR`` arguments as {label: folder}. The folder follows the last "=": labels
+    such as ETPO(lambda=0.9) hold one themselves."""
+    return {label: Path(folder) for label, folder in (item.rsplit("=", 1) for item in items)}
 
 
 def seed_dirs(run_dir: Path) -> list[Path]:
@@ -93,8 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smooth", type=int, default=5, help="collections in the moving mean of the curves")
     parser.add_argument("--stem", default="learning_compare", help="bench/results/<stem>.{json,md,png}")
     args = parser.parse_args(argv)
-    # The folder follows the last "=": labels such as ETPO(lambda=0.9) hold one themselves.
-    runs = {label: Path(d) for label, d in (item.rsplit("=", 1) for item in args.run)}
+    runs = parse_runs(args.run)
 
     cache_name = f"eval_{args.dataset}_{args.samples}_{args.eval_seed}.json"
     base = cached_evaluation(args.base, Path("runs") / "bench_learning" / "base" / cache_name, args.samples,
@@ -171,24 +177,21 @@ def failure_table(summary: dict, base: dict, checkpoints: list[str], samples: in
     """Where each model's programs fail, mean over seeds: the success rate and the mean AUC of the
     programs that ran (how good the code is) beside the failures by kind (how often it breaks), so
     that a gain can be read as better programs or as fewer broken ones."""
-    rows = [("base", "", [base])] + [(label, ckpt, [{"success_rate": sr, "auc_mean": auc, "errors": err}
-                                                    for sr, auc, err in zip(s[ckpt]["success_rate"],
-                                                                            s[ckpt]["auc_mean"], s[ckpt]["errors"])])
-                                     for label, s in summary.items() for ckpt in checkpoints if "errors" in s[ckpt]]
-    totals: dict[str, int] = {}
+    rows = [("base", "", {key: [base[key]] for key in ("success_rate", "auc_mean", "errors")})]
+    rows += [(label, ckpt, s[ckpt]) for label, s in summary.items() for ckpt in checkpoints]
+    totals = Counter()
     for _, _, evals in rows:
-        for e in evals:
-            for kind, n in e["errors"].items():
-                totals[kind] = totals.get(kind, 0) + n
+        for errors in evals["errors"]:
+            totals.update(errors)
     kinds = sorted(totals, key=lambda k: (-totals[k], k))
     lines = [f"Failures per {samples} programs by kind (mean over seeds), and the mean AUC of the programs that ran:", "",
              "| agent | checkpoint | success rate | mean AUC of programs that ran | "
              + " | ".join(kinds) + " |",
              "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in kinds) + " |"]
     for label, ckpt, evals in rows:
-        counts = [statistics.mean(e["errors"].get(k, 0) for e in evals) for k in kinds]
-        lines.append(f"| {label} | {ckpt} | {statistics.mean(e['success_rate'] for e in evals):.3f} | "
-                     f"{statistics.mean(e['auc_mean'] for e in evals):.3f} | " + " | ".join(f"{c:.1f}" for c in counts) + " |")
+        counts = [statistics.mean(errors.get(k, 0) for errors in evals["errors"]) for k in kinds]
+        lines.append(f"| {label} | {ckpt} | {statistics.mean(evals['success_rate']):.3f} | "
+                     f"{statistics.mean(evals['auc_mean']):.3f} | " + " | ".join(f"{c:.1f}" for c in counts) + " |")
     return "\n".join(lines)
 
 

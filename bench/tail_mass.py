@@ -23,7 +23,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from learning_compare import seed_dirs  # noqa: E402
+from learning_compare import parse_runs, seed_dirs  # noqa: E402
 
 
 @torch.no_grad()
@@ -72,19 +72,19 @@ def main(argv: list[str] | None = None) -> dict:
     prompt_ids = tokenizer(env.reset(), add_special_tokens=False, return_tensors="pt")["input_ids"]
     env.close()
 
-    def measure(path: str) -> dict:
-        return tail_stats(load_causal_lm(path).eval(), reference, prompt_ids, tokenizer.eos_token_id,
-                          tokenizer.pad_token_id, args.samples, args.threshold, args.seed)
+    def measure(policy) -> dict:
+        return tail_stats(policy, reference, prompt_ids, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                          args.samples, args.threshold, args.seed)
 
-    results = {"base": measure(base)}
+    results = {"base": measure(reference)}
     print(f"base: ratio {results['base']['ratio']:.2f}", flush=True)
     lines = [f"Tail: tokens with rho < {args.threshold:g}; {args.samples} programs per model sampled by the model "
              f"itself (seed {args.seed}), {args.checkpoint}.", "",
              "| agent | seeds | pi's tail mass / rho's | tail tokens sampled per program | KL(pi ‖ rho) per token |",
              "| --- | ---: | ---: | ---: | ---: |",
              f"| base | | {results['base']['ratio']:.2f} | {results['base']['tail_tokens_sampled_per_program']:.2f} | 0 |"]
-    for label, run_dir in (item.rsplit("=", 1) for item in args.run):
-        per_seed = [measure(str(d / "checkpoints" / args.checkpoint)) for d in seed_dirs(Path(run_dir))]
+    for label, run_dir in parse_runs(args.run).items():
+        per_seed = [measure(load_causal_lm(str(d / "checkpoints" / args.checkpoint)).eval()) for d in seed_dirs(run_dir)]
         results[label] = per_seed
 
         def span(key: str) -> str:
