@@ -3,9 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import yaml
+
+# "callbacks[KLMonitor]": the element of a class_path list whose class is KLMonitor.
+_LIST_ELEMENT = re.compile(r"^(?P<key>[^\[\]]+)\[(?P<cls>[A-Za-z_][\w.]*)\]$")
+
+
+def _child(node: dict, segment: str, dotted: str) -> dict:
+    match = _LIST_ELEMENT.match(segment)
+    if match is None:
+        return node.setdefault(segment, {})
+    key, cls = match["key"], match["cls"]
+    items = node.get(key) or []
+    found = [item for item in items
+             if isinstance(item, dict) and (item.get("class_path", "") == cls
+                                            or item.get("class_path", "").endswith("." + cls))]
+    if len(found) != 1:
+        classes = [item.get("class_path") for item in items if isinstance(item, dict)]
+        raise KeyError(f"override {dotted!r}: {len(found)} elements of {key!r} have class {cls!r} "
+                       f"(need exactly one; the list holds {classes})")
+    return found[0]
+
+
+def apply_override(cfg: dict, dotted: str, value) -> None:
+    """Set ``dotted`` (e.g. ``data.replay_collections`` or
+    ``trainer.callbacks[KLMonitor].init_args.target_kl``) to ``value`` in ``cfg``, in place.
+
+    A segment ``key[Class]`` selects the one element of the list ``key`` whose ``class_path``
+    is ``Class`` or ends with ``.Class``; anything else is a plain mapping key (created if
+    missing).
+    """
+    node = cfg
+    *parents, leaf = dotted.split(".")
+    for segment in parents:
+        node = _child(node, segment, dotted)
+    if _LIST_ELEMENT.match(leaf):
+        raise KeyError(f"override {dotted!r}: name a field of the list element, e.g. {leaf}.init_args.NAME")
+    node[leaf] = value
 
 
 def derive_config(config: str | Path, out_dir: str | Path, seed: int | None = None, max_steps: int | None = None,
@@ -13,7 +50,8 @@ def derive_config(config: str | Path, out_dir: str | Path, seed: int | None = No
     """Point every output (loggers, checkpoints) of ``config`` into ``out_dir``; returns the new file.
 
     jsonargparse cannot override one element of the logger/callback lists from the command
-    line, so benchmarks run from a derived file instead.
+    line, so benchmarks run from a derived file instead; ``overrides`` (dotted keys, see
+    ``apply_override``) can address such an element by its class.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -33,14 +71,21 @@ def derive_config(config: str | Path, out_dir: str | Path, seed: int | None = No
     if model is not None:
         cfg["model"]["init_args"]["model_name_or_path"] = model
     for dotted, value in (overrides or {}).items():
-        node = cfg
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
+        apply_override(cfg, dotted, value)
     path = out_dir / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def parse_sets(sets: list[str]) -> dict:
+    """``["a.b=0.15", ...]`` -> ``{"a.b": 0.15}`` (values parsed as YAML)."""
+    parsed = {}
+    for item in sets:
+        if "=" not in item:
+            raise ValueError(f"--set wants dotted.key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        parsed[key] = yaml.safe_load(value)
+    return parsed
 
 
 if __name__ == "__main__":
@@ -50,7 +95,8 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int)
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--model")
-    parser.add_argument("--set", nargs="*", default=[], help="dotted.key=yaml_value")
+    parser.add_argument("--set", nargs="*", default=[],
+                        help="dotted.key=yaml_value; key[Class] picks a list element, e.g. "
+                             "trainer.callbacks[KLMonitor].init_args.target_kl=0.15")
     a = parser.parse_args()
-    sets = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
-    print(derive_config(a.config, a.out_dir, a.seed, a.max_steps, a.model, sets))
+    print(derive_config(a.config, a.out_dir, a.seed, a.max_steps, a.model, parse_sets(a.set)))

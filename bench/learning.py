@@ -29,11 +29,13 @@ sys.path.insert(0, str(HERE))
 
 
 def train(config: str, seed: int, max_steps: int, out: Path, extra: list[str], model: str | None,
-          reuse: bool = False) -> tuple[Path, Path, float]:
+          reuse: bool = False, sets: dict | None = None) -> tuple[Path, Path, float]:
     """One quickstart fit; returns (hf-last export, metrics.csv, seconds).
 
     With ``reuse``, a seed whose fit already finished in ``out`` (its ``run_info.json``
     written) is not trained again: only its evaluation is redone (same numbers, it is seeded).
+    ``sets`` are ``derive_config`` overrides (they can reach one callback or logger, which
+    ``extra``, plain CLI arguments, cannot).
     """
     from derive_config import derive_config
     from etpo_lightning.cli.main import cli_main
@@ -43,11 +45,12 @@ def train(config: str, seed: int, max_steps: int, out: Path, extra: list[str], m
     if reuse and info.exists() and (root / "checkpoints" / "hf-last").exists():
         seconds = json.loads(info.read_text())["train_seconds"]
     else:
-        derived = derive_config(config, root, seed=seed, max_steps=max_steps, model=model)
+        derived = derive_config(config, root, seed=seed, max_steps=max_steps, model=model, overrides=sets)
         start = time.time()
         cli_main(["fit", "--config", str(derived), *extra])
         seconds = time.time() - start
-        info.write_text(json.dumps({"train_seconds": seconds, "config": config, "max_steps": max_steps}))
+        info.write_text(json.dumps({"train_seconds": seconds, "config": config, "max_steps": max_steps,
+                                   "set": sets or {}, "extra": extra}))
     metrics = sorted(root.glob("*/version_*/metrics.csv"))[-1]
     return root / "checkpoints" / "hf-last", metrics, seconds
 
@@ -100,9 +103,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help="keep seeds whose fit already finished in --out (re-evaluate them only)")
     parser.add_argument("--train-only", action="store_true",
                         help="only train (evaluate later, every model in one run of learning_compare.py)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="DOTTED=VALUE",
+                        help="change the derived config, e.g. trainer.callbacks[KLMonitor].init_args.target_kl=0.15 "
+                             "(key[Class] picks one element of a list; repeatable)")
     parser.add_argument("extra", nargs="*", help="further CLI overrides, e.g. --model.init_args.beta=0.1")
     args = parser.parse_args(argv)
     import yaml
+    from derive_config import parse_sets
+
+    sets = parse_sets(args.sets)
 
     max_steps = args.max_steps or yaml.safe_load(Path(args.config).read_text())["trainer"]["max_steps"]
     out = Path(args.out)
@@ -110,12 +119,12 @@ def main(argv: list[str] | None = None) -> dict:
     base_model = args.model or yaml.safe_load(Path(args.config).read_text())["model"]["init_args"]["model_name_or_path"]
     if args.train_only:
         for seed in args.seeds:
-            _, _, seconds = train(args.config, seed, max_steps, out, args.extra, args.model, args.reuse)
+            _, _, seconds = train(args.config, seed, max_steps, out, args.extra, args.model, args.reuse, sets)
             print(f"seed {seed}: trained in {seconds:.0f} s", flush=True)
         return {}
     base = evaluate_model(base_model, args.samples, seed=12345, dataset=args.dataset)
     for seed in args.seeds:
-        hf_last, metrics_csv, seconds = train(args.config, seed, max_steps, out, args.extra, args.model, args.reuse)
+        hf_last, metrics_csv, seconds = train(args.config, seed, max_steps, out, args.extra, args.model, args.reuse, sets)
         df = pd.read_csv(metrics_csv)
         trained = evaluate_model(str(hf_last), args.samples, seed=12345, dataset=args.dataset)
         rows.append({"seed": seed, "train_seconds": seconds, "trained": trained,

@@ -1,4 +1,4 @@
-"""The learning benchmark's tables and ablation configs (bench/), checked on small made-up inputs."""
+"""The learning benchmark's tables and ablation overrides (bench/), checked on small made-up inputs."""
 
 from __future__ import annotations
 
@@ -32,11 +32,58 @@ def test_failure_table_averages_each_kind_over_seeds(learning_compare):
     assert len(lines) == 6
 
 
-def test_target_kl_ablation_differs_from_the_quickstart_only_in_the_target():
+def _kl_monitor(cfg: dict) -> dict:
+    (monitor,) = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith(".KLMonitor")]
+    return monitor
+
+
+def test_an_ablation_override_changes_one_callback_and_nothing_else(tmp_path):
+    """``--set trainer.callbacks[KLMonitor].init_args.target_kl=0.15``: the target-KL ablation
+    of docs/results.md, which ran from a copied config file before overrides could reach a
+    callback."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from derive_config import derive_config, parse_sets
+
     shipped = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
-    ablation = yaml.safe_load((ROOT / "bench" / "configs" / "quickstart_target_kl0.15.yaml").read_text())
-    monitors = [c for c in ablation["trainer"]["callbacks"] if c["class_path"].endswith("KLMonitor")]
-    assert monitors[0]["init_args"]["target_kl"] == 0.15
-    monitors[0]["init_args"]["target_kl"] = 0.1
-    ablation["trainer"]["default_root_dir"] = "runs/quickstart"
-    assert ablation == shipped
+    sets = parse_sets(["trainer.callbacks[KLMonitor].init_args.target_kl=0.15", "data.replay_collections=8"])
+    plain = yaml.safe_load(derive_config(ROOT / "configs" / "quickstart.yaml", tmp_path / "a").read_text())
+    ablation = yaml.safe_load(derive_config(ROOT / "configs" / "quickstart.yaml", tmp_path / "a", overrides=sets).read_text())
+    assert _kl_monitor(shipped)["init_args"]["target_kl"] == 0.1
+    assert _kl_monitor(ablation)["init_args"] == {**_kl_monitor(shipped)["init_args"], "target_kl": 0.15}
+    assert ablation["data"]["replay_collections"] == 8
+    _kl_monitor(ablation)["init_args"]["target_kl"] = 0.1
+    ablation["data"]["replay_collections"] = shipped["data"]["replay_collections"]
+    assert ablation == plain
+
+
+@pytest.mark.parametrize("key, message", [
+    ("trainer.callbacks[EarlyStopping].init_args.patience", "0 elements of 'callbacks' have class 'EarlyStopping'"),
+    ("trainer.callbacks[KLMonitor]", "name a field of the list element"),
+])
+def test_an_override_that_names_no_single_element_says_so(tmp_path, key, message):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from derive_config import derive_config
+
+    with pytest.raises(KeyError, match=message.replace("[", r"\[")):
+        derive_config(ROOT / "configs" / "quickstart.yaml", tmp_path, overrides={key: 3})
+
+
+def test_the_derived_ablation_reaches_the_trainer(tmp_path):
+    """Through the ``etpo`` CLI: the trainer's KLMonitor gets the overridden target."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from derive_config import derive_config
+    from etpo_lightning.callbacks import KLMonitor
+    from etpo_lightning.cli.main import cli_main
+    from etpo_lightning.envs.toy import DEFAULT_WORDS
+    from etpo_lightning.tiny_coder.tokenizer import train_tokenizer
+    from helpers import tiny_llama
+
+    model_dir = tmp_path / "model"
+    tok = train_tokenizer([f"Say the word '{w}'.\nAnswer: {w}" for w in DEFAULT_WORDS] * 5, vocab_size=300)
+    tok.save_pretrained(model_dir)
+    tiny_llama(len(tok)).save_pretrained(model_dir)
+    config = derive_config(ROOT / "configs" / "quickstart.yaml", tmp_path / "run", model=str(model_dir),
+                           overrides={"trainer.callbacks[KLMonitor].init_args.target_kl": 0.15})
+    cli = cli_main(["--config", str(config), "--trainer.logger=false"], run=False)
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, KLMonitor)]
+    assert monitor.target_kl == 0.15
