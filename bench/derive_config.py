@@ -55,6 +55,15 @@ def derive_config(config: str | Path, out_dir: str | Path, seed: int | None = No
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(derived(config, out_dir, seed, max_steps, model, overrides), sort_keys=False))
+    return path
+
+
+def derived(config: str | Path, out_dir: str | Path, seed: int | None = None, max_steps: int | None = None,
+            model: str | None = None, overrides: dict | None = None) -> dict:
+    """The config ``derive_config`` writes, as a dict (nothing written)."""
+    out_dir = Path(out_dir)
     cfg = yaml.safe_load(Path(config).read_text())
     trainer = cfg["trainer"]
     trainer["default_root_dir"] = str(out_dir)
@@ -72,9 +81,16 @@ def derive_config(config: str | Path, out_dir: str | Path, seed: int | None = No
         cfg["model"]["init_args"]["model_name_or_path"] = model
     for dotted, value in (overrides or {}).items():
         apply_override(cfg, dotted, value)
-    path = out_dir / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
+    return cfg
+
+
+def differences(a, b, prefix: str = "") -> list[str]:
+    """Dotted paths where two parsed configs differ (list elements by index)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for key in {**a, **b} for d in differences(a.get(key), b.get(key), f"{prefix}{key}.")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{prefix}{i}.")]
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 def parse_sets(sets: list[str]) -> dict:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -34,16 +35,21 @@ def train(config: str, seed: int, max_steps: int, out: Path, extra: list[str], m
 
     With ``reuse``, a seed whose fit already finished in ``out`` (its ``run_info.json``
     written) is not trained again: only its evaluation is redone (same numbers, it is seeded).
+    It must have been trained with the same derived config and CLI arguments: a changed
+    config (e.g. a new quickstart default) would otherwise reuse runs of the old one silently.
     ``sets`` are ``derive_config`` overrides (they can reach one callback or logger, which
     ``extra``, plain CLI arguments, cannot).
     """
-    from derive_config import derive_config
+    from derive_config import derive_config, derived
     from etpo_lightning.cli.main import cli_main
 
     root = out / f"seed{seed}"
     info = root / "run_info.json"
     if reuse and info.exists() and (root / "checkpoints" / "hf-last").exists():
-        seconds = json.loads(info.read_text())["train_seconds"]
+        run_info = json.loads(info.read_text())
+        check_reusable(root, derived(config, root, seed=seed, max_steps=max_steps, model=model, overrides=sets),
+                       extra, run_info)
+        seconds = run_info["train_seconds"]
     else:
         derived = derive_config(config, root, seed=seed, max_steps=max_steps, model=model, overrides=sets)
         start = time.time()
@@ -53,6 +59,19 @@ def train(config: str, seed: int, max_steps: int, out: Path, extra: list[str], m
                                    "set": sets or {}, "extra": extra}))
     metrics = sorted(root.glob("*/version_*/metrics.csv"))[-1]
     return root / "checkpoints" / "hf-last", metrics, seconds
+
+
+def check_reusable(root: Path, config: dict, extra: list[str], run_info: dict) -> None:
+    """Refuse (SystemExit) to reuse the finished run in ``root`` if it was trained otherwise."""
+    from derive_config import differences
+
+    saved = yaml.safe_load((root / "config.yaml").read_text())
+    changed = differences(saved, config)
+    if "extra" in run_info and run_info["extra"] != extra:  # runs before Dec 2026 did not record it
+        changed.append(f"CLI arguments {run_info['extra']} -> {extra}")
+    if changed:
+        raise SystemExit(f"--reuse: {root} was trained with another config ({', '.join(changed)}); "
+                         "pass another --out, or delete that folder to retrain it")
 
 
 def evaluate_model(path: str, samples: int, seed: int, dataset: str) -> dict:
@@ -108,7 +127,6 @@ def main(argv: list[str] | None = None) -> dict:
                              "(key[Class] picks one element of a list; repeatable)")
     parser.add_argument("extra", nargs="*", help="further CLI overrides, e.g. --model.init_args.beta=0.1")
     args = parser.parse_args(argv)
-    import yaml
     from derive_config import parse_sets
 
     sets = parse_sets(args.sets)

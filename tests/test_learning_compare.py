@@ -87,3 +87,24 @@ def test_the_derived_ablation_reaches_the_trainer(tmp_path):
     cli = cli_main(["--config", str(config), "--trainer.logger=false"], run=False)
     (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, KLMonitor)]
     assert monitor.target_kl == 0.15
+
+
+def test_reuse_refuses_a_run_trained_with_another_config(tmp_path):
+    """``bench/learning.py --reuse`` must not pass off runs of an old config as the new one's."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import learning
+    from derive_config import derive_config, derived
+
+    config = ROOT / "configs" / "quickstart.yaml"
+    root = tmp_path / "seed0"
+    derive_config(config, root, seed=0, max_steps=300)
+    run_info = {"train_seconds": 1.0, "extra": []}
+    learning.check_reusable(root, derived(config, root, seed=0, max_steps=300), [], run_info)  # the same: reused
+    with pytest.raises(SystemExit, match=r"another config \(data\.replay_collections\)"):
+        learning.check_reusable(root, derived(config, root, seed=0, max_steps=300,
+                                              overrides={"data.replay_collections": 8}), [], run_info)
+    with pytest.raises(SystemExit, match=r"trainer\.callbacks\.1\.init_args\.target_kl"):
+        learning.check_reusable(root, derived(config, root, seed=0, max_steps=300, overrides={
+            "trainer.callbacks[KLMonitor].init_args.target_kl": 0.15}), [], run_info)
+    with pytest.raises(SystemExit, match=r"CLI arguments \[\] -> \['--model.init_args.lam=0'\]"):
+        learning.check_reusable(root, derived(config, root, seed=0, max_steps=300), ["--model.init_args.lam=0"], run_info)
