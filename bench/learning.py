@@ -16,6 +16,7 @@ Writes `bench/results/learning.json`, `learning.md` (the table) and `learning.pn
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -27,6 +28,8 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from derive_config import apply_override, derive_config, derived, differences, parse_sets  # noqa: E402
 
 
 def train(config: str, seed: int, max_steps: int, out: Path, extra: list[str], model: str | None,
@@ -40,7 +43,6 @@ def train(config: str, seed: int, max_steps: int, out: Path, extra: list[str], m
     ``sets`` are ``derive_config`` overrides (they can reach one callback or logger, which
     ``extra``, plain CLI arguments, cannot).
     """
-    from derive_config import derive_config, derived
     from etpo_lightning.cli.main import cli_main
 
     root = out / f"seed{seed}"
@@ -51,9 +53,9 @@ def train(config: str, seed: int, max_steps: int, out: Path, extra: list[str], m
                        extra, run_info)
         seconds = run_info["train_seconds"]
     else:
-        derived = derive_config(config, root, seed=seed, max_steps=max_steps, model=model, overrides=sets)
+        config_file = derive_config(config, root, seed=seed, max_steps=max_steps, model=model, overrides=sets)
         start = time.time()
-        cli_main(["fit", "--config", str(derived), *extra])
+        cli_main(["fit", "--config", str(config_file), *extra])
         seconds = time.time() - start
         info.write_text(json.dumps({"train_seconds": seconds, "config": config, "max_steps": max_steps,
                                    "set": sets or {}, "extra": extra}))
@@ -62,16 +64,36 @@ def train(config: str, seed: int, max_steps: int, out: Path, extra: list[str], m
 
 
 def check_reusable(root: Path, config: dict, extra: list[str], run_info: dict) -> None:
-    """Refuse (SystemExit) to reuse the finished run in ``root`` if it was trained otherwise."""
-    from derive_config import differences
+    """Refuse (SystemExit) to reuse the finished run in ``root`` if it was trained otherwise.
 
+    Compares the effective configs: the derived file with the ``--dotted.key=value`` CLI
+    arguments applied, so a value given on the command line then and in the config now (a
+    new default) still matches. Runs whose ``run_info.json`` did not record their CLI
+    arguments (before December 2026) are compared on the derived file alone.
+    """
     saved = yaml.safe_load((root / "config.yaml").read_text())
+    if "extra" in run_info:
+        (saved, saved_rest), (config, rest) = effective(saved, run_info["extra"]), effective(config, extra)
+    else:
+        saved_rest = rest = []
     changed = differences(saved, config)
-    if "extra" in run_info and run_info["extra"] != extra:  # runs before Dec 2026 did not record it
-        changed.append(f"CLI arguments {run_info['extra']} -> {extra}")
+    if saved_rest != rest:
+        changed.append(f"CLI arguments {saved_rest} -> {rest}")
     if changed:
         raise SystemExit(f"--reuse: {root} was trained with another config ({', '.join(changed)}); "
                          "pass another --out, or delete that folder to retrain it")
+
+
+def effective(config: dict, extra: list[str]) -> tuple[dict, list[str]]:
+    """``config`` with the ``--dotted.key=value`` arguments of ``extra`` applied, and the arguments it could not apply."""
+    config, rest = copy.deepcopy(config), []
+    for arg in extra:
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            apply_override(config, key, yaml.safe_load(value))
+        else:
+            rest.append(arg)
+    return config, rest
 
 
 def evaluate_model(path: str, samples: int, seed: int, dataset: str) -> dict:
@@ -127,8 +149,6 @@ def main(argv: list[str] | None = None) -> dict:
                              "(key[Class] picks one element of a list; repeatable)")
     parser.add_argument("extra", nargs="*", help="further CLI overrides, e.g. --model.init_args.beta=0.1")
     args = parser.parse_args(argv)
-    from derive_config import parse_sets
-
     sets = parse_sets(args.sets)
 
     max_steps = args.max_steps or yaml.safe_load(Path(args.config).read_text())["trainer"]["max_steps"]

@@ -45,12 +45,12 @@ def test_an_ablation_override_changes_one_callback_and_nothing_else(tmp_path):
     from derive_config import derive_config, parse_sets
 
     shipped = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
-    sets = parse_sets(["trainer.callbacks[KLMonitor].init_args.target_kl=0.15", "data.replay_collections=8"])
+    sets = parse_sets(["trainer.callbacks[KLMonitor].init_args.target_kl=0.15", "data.replay_collections=16"])
     plain = yaml.safe_load(derive_config(ROOT / "configs" / "quickstart.yaml", tmp_path / "a").read_text())
     ablation = yaml.safe_load(derive_config(ROOT / "configs" / "quickstart.yaml", tmp_path / "a", overrides=sets).read_text())
     assert _kl_monitor(shipped)["init_args"]["target_kl"] == 0.1
     assert _kl_monitor(ablation)["init_args"] == {**_kl_monitor(shipped)["init_args"], "target_kl": 0.15}
-    assert ablation["data"]["replay_collections"] == 8
+    assert ablation["data"]["replay_collections"] == 16
     _kl_monitor(ablation)["init_args"]["target_kl"] = 0.1
     ablation["data"]["replay_collections"] = shipped["data"]["replay_collections"]
     assert ablation == plain
@@ -102,9 +102,17 @@ def test_reuse_refuses_a_run_trained_with_another_config(tmp_path):
     learning.check_reusable(root, derived(config, root, seed=0, max_steps=300), [], run_info)  # the same: reused
     with pytest.raises(SystemExit, match=r"another config \(data\.replay_collections\)"):
         learning.check_reusable(root, derived(config, root, seed=0, max_steps=300,
-                                              overrides={"data.replay_collections": 8}), [], run_info)
+                                              overrides={"data.replay_collections": 16}), [], run_info)
     with pytest.raises(SystemExit, match=r"trainer\.callbacks\.1\.init_args\.target_kl"):
         learning.check_reusable(root, derived(config, root, seed=0, max_steps=300, overrides={
             "trainer.callbacks[KLMonitor].init_args.target_kl": 0.15}), [], run_info)
-    with pytest.raises(SystemExit, match=r"CLI arguments \[\] -> \['--model.init_args.lam=0'\]"):
+    with pytest.raises(SystemExit, match=r"another config \(model\.init_args\.lam\)"):
         learning.check_reusable(root, derived(config, root, seed=0, max_steps=300), ["--model.init_args.lam=0"], run_info)
+    with pytest.raises(SystemExit, match=r"CLI arguments \[\] -> \['--print_config'\]"):
+        learning.check_reusable(root, derived(config, root, seed=0, max_steps=300), ["--print_config"], run_info)
+    # A value given on the command line then and in the config now is the same run.
+    run_info["extra"] = ["--data.replay_collections=16"]
+    learning.check_reusable(root, derived(config, root, seed=0, max_steps=300,
+                                          overrides={"data.replay_collections": 16}), [], run_info)
+    with pytest.raises(SystemExit, match=r"data\.replay_collections"):
+        learning.check_reusable(root, derived(config, root, seed=0, max_steps=300), [], run_info)
