@@ -201,7 +201,7 @@ def _plot(curves: dict[str, list[pd.DataFrame]], base_reward: float, smooth: int
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_r, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_r, ax_kl) = plt.subplots(1, 2, figsize=(11, 5))
     for label, seeds in curves.items():
         if not seeds:
             continue
@@ -218,9 +218,11 @@ def _plot(curves: dict[str, list[pd.DataFrame]], base_reward: float, smooth: int
     for ax in (ax_r, ax_kl):
         ax.set_xlabel("environment steps (programs sampled)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    # One legend under both panels: inside them, five or more runs' entries hid the curves.
+    handles, labels = ax_r.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False)
     fig.suptitle("mean over seeds, band = ±1 std", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.045 * ((len(labels) + 2) // 3), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
