@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 from pathlib import Path
 
@@ -93,15 +94,29 @@ def differences(a, b, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+def parse_assignment(item: str) -> tuple[str, object]:
+    """``"a.b=0.15"`` -> ``("a.b", 0.15)`` (the value parsed as YAML)."""
+    if "=" not in item:
+        raise ValueError(f"--set wants dotted.key=value, got {item!r}")
+    key, value = item.split("=", 1)
+    return key, yaml.safe_load(value)
+
+
 def parse_sets(sets: list[str]) -> dict:
-    """``["a.b=0.15", ...]`` -> ``{"a.b": 0.15}`` (values parsed as YAML)."""
-    parsed = {}
-    for item in sets:
-        if "=" not in item:
-            raise ValueError(f"--set wants dotted.key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        parsed[key] = yaml.safe_load(value)
-    return parsed
+    """``["a.b=0.15", ...]`` -> ``{"a.b": 0.15}``."""
+    return dict(map(parse_assignment, sets))
+
+
+def effective(config: dict, cli_args: list[str]) -> tuple[dict, list[str]]:
+    """A copy of ``config`` with the ``--dotted.key=value`` arguments of ``cli_args`` applied
+    (as the ``etpo`` CLI would on top of the file), and the arguments it could not apply."""
+    config, rest = copy.deepcopy(config), []
+    for arg in cli_args:
+        if arg.startswith("--") and "=" in arg:
+            apply_override(config, *parse_assignment(arg[2:]))
+        else:
+            rest.append(arg)
+    return config, rest
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ every model (bench/learning_compare.py).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -33,7 +32,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from derive_config import apply_override, derive_config, derived, differences, parse_sets  # noqa: E402
+from derive_config import derive_config, derived, differences, effective, parse_sets  # noqa: E402
 
 
 def train(config: str, seed: int, max_steps: int, out: Path, extra: list[str], model: str | None,
@@ -86,18 +85,6 @@ def check_reusable(root: Path, config: dict, extra: list[str], run_info: dict) -
     if changed:
         raise SystemExit(f"--reuse: {root} was trained with another config ({', '.join(changed)}); "
                          "pass another --out, or delete that folder to retrain it")
-
-
-def effective(config: dict, extra: list[str]) -> tuple[dict, list[str]]:
-    """``config`` with the ``--dotted.key=value`` arguments of ``extra`` applied, and the arguments it could not apply."""
-    config, rest = copy.deepcopy(config), []
-    for arg in extra:
-        if arg.startswith("--") and "=" in arg:
-            key, value = arg[2:].split("=", 1)
-            apply_override(config, key, yaml.safe_load(value))
-        else:
-            rest.append(arg)
-    return config, rest
 
 
 def evaluate_model(path: str, samples: int, seed: int, dataset: str) -> dict:

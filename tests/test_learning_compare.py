@@ -9,11 +9,11 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # the benchmark scripts are not a package
 
 
 @pytest.fixture(scope="module")
 def learning_compare():
-    sys.path.insert(0, str(ROOT / "bench"))
     import learning_compare
 
     return learning_compare
@@ -41,7 +41,6 @@ def test_an_ablation_override_changes_one_callback_and_nothing_else(tmp_path):
     """``--set trainer.callbacks[KLMonitor].init_args.target_kl=0.15``: the target-KL ablation
     of docs/results.md, which ran from a copied config file before overrides could reach a
     callback."""
-    sys.path.insert(0, str(ROOT / "bench"))
     from derive_config import derive_config, parse_sets
 
     shipped = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
@@ -61,7 +60,6 @@ def test_an_ablation_override_changes_one_callback_and_nothing_else(tmp_path):
     ("trainer.callbacks[KLMonitor]", "name a field of the list element"),
 ])
 def test_an_override_that_names_no_single_element_says_so(tmp_path, key, message):
-    sys.path.insert(0, str(ROOT / "bench"))
     from derive_config import derive_config
 
     with pytest.raises(KeyError, match=message.replace("[", r"\[")):
@@ -70,7 +68,6 @@ def test_an_override_that_names_no_single_element_says_so(tmp_path, key, message
 
 def test_the_derived_ablation_reaches_the_trainer(tmp_path):
     """Through the ``etpo`` CLI: the trainer's KLMonitor gets the overridden target."""
-    sys.path.insert(0, str(ROOT / "bench"))
     from derive_config import derive_config
     from etpo_lightning.callbacks import KLMonitor
     from etpo_lightning.cli.main import cli_main
@@ -91,7 +88,6 @@ def test_the_derived_ablation_reaches_the_trainer(tmp_path):
 
 def test_reuse_refuses_a_run_trained_with_another_config(tmp_path):
     """``bench/learning.py --reuse`` must not pass off runs of an old config as the new one's."""
-    sys.path.insert(0, str(ROOT / "bench"))
     import learning
     from derive_config import derive_config, derived
 
