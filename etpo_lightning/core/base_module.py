@@ -39,6 +39,7 @@ from etpo_lightning.core.distributed import (
     summon_own_params,
 )
 from etpo_lightning.core.forwards import TokenForwards
+from etpo_lightning.core.lr_schedule import LRSchedule, check_schedule, lr_factor
 from etpo_lightning.core.models import empty_causal_lm, load_causal_lm, share_weights
 from etpo_lightning.core.networks import LazyNetworks
 from etpo_lightning.core.rank_stats import Reduce, reduce_across_ranks
@@ -100,8 +101,11 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         policy: nn.Module | None,
         critic: nn.Module | None,
         reference: nn.Module | None,
+        lr_schedule: LRSchedule = "constant",
+        min_lr_ratio: float = 0.0,
     ) -> None:
         super().__init__()
+        check_schedule(lr_schedule, min_lr_ratio)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got chunk_size={chunk_size}")
         for name, lr in (("policy_lr", policy_lr), ("critic_lr", critic_lr)):
@@ -215,6 +219,7 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
             self.log("train/nonfinite_steps", float(self.nonfinite_steps))
             return loss.detach()
 
+        self.apply_lr_schedule(optimizers)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         # One backward of the sum: the losses touch disjoint parameters, and a single
@@ -243,6 +248,22 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
             sharded_clip_grad_norm_(params, clip, fsdp_replicas(self.trainer.strategy.model))
         else:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def apply_lr_schedule(self, optimizers: list) -> None:
+        """Set every group's learning rate to its configured value times ``lr_factor`` of this
+        batch (``lr_schedule``, ``min_lr_ratio``; ``trainer.max_steps`` batches in all)."""
+        schedule = self.hparams.get("lr_schedule", "constant")
+        if schedule == "constant":
+            return
+        steps_per_batch = self.optimizer_steps_per_batch
+        total = self.trainer.max_steps // steps_per_batch if self.trainer.max_steps > 0 else -1
+        factor = lr_factor(schedule, self.trainer.global_step // steps_per_batch, total,
+                           self.hparams.get("min_lr_ratio", 0.0))
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group.setdefault("configured_lr", group["lr"])
+                group["lr"] = group["configured_lr"] * factor
+        self.log("train/lr_factor", factor, batch_size=1)
 
     def log_training_metrics(self, out: dict[str, Tensor], batch: TransitionBatch) -> None:
         """Log the step's losses and statistics as ``train/*`` and the batch's rollout stats.

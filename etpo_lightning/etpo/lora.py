@@ -32,6 +32,7 @@ from torch import nn
 
 from etpo_lightning.core.base_module import frozen
 from etpo_lightning.core.lora import AdapterView, SharedLoRA, linear_module_names, lora_model
+from etpo_lightning.core.lr_schedule import LRSchedule
 from etpo_lightning.etpo.losses import DEFAULT_CHUNK_SIZE
 from etpo_lightning.etpo.module import ETPOModule
 
@@ -74,6 +75,8 @@ class LoRAETPOModule(ETPOModule):
         gradient_clip_val: float | None = 1.0,
         optimizer: str = "torch.optim.AdamW",
         weight_decay: float = 0.0,
+        lr_schedule: LRSchedule = "constant",
+        min_lr_ratio: float = 0.0,
         critic_head_init: Literal["copy", "zero"] = "copy",
         critic_advantage_scale: float = 1.0,
         lam: float = 0.0,
@@ -96,7 +99,8 @@ class LoRAETPOModule(ETPOModule):
             raise ValueError(_NO_INJECTED_CRITIC)
         super().__init__(model_name_or_path=model_name_or_path, beta=beta, gamma=gamma, policy_lr=policy_lr,
                          critic_lr=critic_lr, tau=tau, huber_delta=huber_delta, gradient_clip_val=gradient_clip_val,
-                         optimizer=optimizer, weight_decay=weight_decay, critic_head_init=critic_head_init,
+                         optimizer=optimizer, weight_decay=weight_decay, lr_schedule=lr_schedule,
+                         min_lr_ratio=min_lr_ratio, critic_head_init=critic_head_init,
                          critic_advantage_scale=critic_advantage_scale, lam=lam, traces=traces,
                          chunk_size=chunk_size, policy=policy, critic=critic, reference=reference)
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from etpo_lightning.core.base_module import TokenRLModule, frozen
 from etpo_lightning.core.batch import TransitionBatch
+from etpo_lightning.core.lr_schedule import LRSchedule
 from etpo_lightning.core.models import share_weights
 from etpo_lightning.core.networks import unwrap_module
 from etpo_lightning.etpo.critic import TokenQCritic
@@ -55,6 +56,10 @@ class ETPOModule(TokenRLModule):
             separately; None or 0 to disable.
         optimizer: Import path of the optimizer class used for both networks.
         weight_decay: Weight decay of both optimizers.
+        lr_schedule: ``constant``, or ``linear`` / ``cosine`` decay of both learning rates
+            from their configured values at the first batch to ``min_lr_ratio`` times them
+            at ``trainer.max_steps`` batches (needs ``max_steps``).
+        min_lr_ratio: Where ``linear`` / ``cosine`` end, as a fraction of the configured rates.
         critic_head_init: ``copy``: the critic is a full copy of the policy LM, as in the
             paper; ``zero``: its output head is zeroed so Q starts at 0 everywhere;
             ``dueling``: zeroed head plus a state-value head, Q = v + A - E_rho[A], so tokens
@@ -95,6 +100,8 @@ class ETPOModule(TokenRLModule):
         gradient_clip_val: float | None = 1.0,
         optimizer: str = "torch.optim.AdamW",
         weight_decay: float = 0.0,
+        lr_schedule: LRSchedule = "constant",
+        min_lr_ratio: float = 0.0,
         critic_head_init: Literal["copy", "zero", "dueling"] = "copy",
         critic_advantage_scale: float = 1.0,
         lam: float = 0.0,
@@ -117,7 +124,8 @@ class ETPOModule(TokenRLModule):
         if not 0 <= lam <= 1:
             raise ValueError(f"lam must be in [0, 1] (the lambda of ETPO(lambda)), got lam={lam}")
         super().__init__(model_name_or_path, policy_lr, critic_lr, gradient_clip_val, optimizer,
-                         weight_decay, chunk_size, policy, critic, reference)
+                         weight_decay, chunk_size, policy, critic, reference,
+                         lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio)
 
     # ------------------------------------------------------------------ models
     def build_critic(self, policy: nn.Module) -> nn.Module:

@@ -25,6 +25,7 @@ from torch import nn
 
 from etpo_lightning.core.base_module import frozen
 from etpo_lightning.core.lora import AdapterView, SharedLoRA, linear_module_names, lora_model
+from etpo_lightning.core.lr_schedule import LRSchedule
 from etpo_lightning.etpo.losses import DEFAULT_CHUNK_SIZE
 from etpo_lightning.grpo.losses import DEFAULT_STD_EPS
 from etpo_lightning.grpo.module import GRPOModule
@@ -67,6 +68,8 @@ class LoRAGRPOModule(GRPOModule):
         gradient_clip_val: float | None = 1.0,
         optimizer: str = "torch.optim.AdamW",
         weight_decay: float = 0.0,
+        lr_schedule: LRSchedule = "constant",
+        min_lr_ratio: float = 0.0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         lora_r: int = 8,
         lora_alpha: int = 16,
@@ -80,7 +83,8 @@ class LoRAGRPOModule(GRPOModule):
         if reference is not None:
             raise ValueError(_NO_INJECTED_REFERENCE)
         super().__init__(model_name_or_path, beta, clip_ratio, scale_rewards, std_eps, loss_aggregation, policy_lr,
-                         gradient_clip_val, optimizer, weight_decay, chunk_size, policy=policy, reference=reference)
+                         gradient_clip_val, optimizer, weight_decay, lr_schedule, min_lr_ratio, chunk_size,
+                         policy=policy, reference=reference)
 
     def attach_models(self, policy: nn.Module, critic: nn.Module | None, reference: nn.Module | None) -> None:
         """Wrap the base ``policy`` with the policy adapter and build the two views."""

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from etpo_lightning.core.base_module import TokenRLModule
 from etpo_lightning.core.batch import TransitionBatch
+from etpo_lightning.core.lr_schedule import LRSchedule
 from etpo_lightning.etpo.losses import DEFAULT_CHUNK_SIZE, kl_and_entropy
 from etpo_lightning.grpo.losses import DEFAULT_STD_EPS, grpo_loss, k3_kl, row_advantages
 from etpo_lightning.ppo.losses import masked_mean, ratio_stats, token_logprobs
@@ -61,6 +62,10 @@ class GRPOModule(TokenRLModule):
         gradient_clip_val: Max gradient norm of the policy; None or 0 to disable.
         optimizer: Import path of the optimizer class.
         weight_decay: Weight decay of the optimizer.
+        lr_schedule: ``constant``, or ``linear`` / ``cosine`` decay of the learning rate
+            from its configured value at the first batch to ``min_lr_ratio`` times it
+            at ``trainer.max_steps`` batches (needs ``max_steps``).
+        min_lr_ratio: Where ``linear`` / ``cosine`` end, as a fraction of the configured rate.
         chunk_size: Positions per chunk of the full-vocabulary KL/entropy monitoring.
         policy: An already built policy (tests, custom models); overrides ``model_name_or_path``.
         reference: An already built reference policy; default a frozen copy of the policy.
@@ -81,6 +86,8 @@ class GRPOModule(TokenRLModule):
         gradient_clip_val: float | None = 1.0,
         optimizer: str = "torch.optim.AdamW",
         weight_decay: float = 0.0,
+        lr_schedule: LRSchedule = "constant",
+        min_lr_ratio: float = 0.0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         policy: nn.Module | None = None,
         reference: nn.Module | None = None,
@@ -94,7 +101,8 @@ class GRPOModule(TokenRLModule):
         if loss_aggregation not in ("sequence", "token"):
             raise ValueError(f"loss_aggregation must be 'sequence' or 'token', got {loss_aggregation!r}")
         super().__init__(model_name_or_path, policy_lr, 0.0, gradient_clip_val, optimizer,
-                         weight_decay, chunk_size, policy, None, reference)
+                         weight_decay, chunk_size, policy, None, reference,
+                         lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio)
 
     # ------------------------------------------------------------------ models
     def build_critic(self, policy: nn.Module) -> None:

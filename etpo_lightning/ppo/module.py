@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from etpo_lightning.core.base_module import TokenRLModule
 from etpo_lightning.core.batch import TransitionBatch
+from etpo_lightning.core.lr_schedule import LRSchedule
 from etpo_lightning.etpo.losses import DEFAULT_CHUNK_SIZE, kl_and_entropy
 from etpo_lightning.ppo.losses import (
     clipped_policy_loss,
@@ -134,6 +135,10 @@ class PPOModule(TokenRLModule):
             separately; None or 0 to disable.
         optimizer: Import path of the optimizer class used for both networks.
         weight_decay: Weight decay of both optimizers.
+        lr_schedule: ``constant``, or ``linear`` / ``cosine`` decay of both learning rates
+            from their configured values at the first batch to ``min_lr_ratio`` times them
+            at ``trainer.max_steps`` batches (needs ``max_steps``).
+        min_lr_ratio: Where ``linear`` / ``cosine`` end, as a fraction of the configured rates.
         normalize_advantages: Whiten the advantages over the valid tokens of the batch
             (mean 0, std 1) before the policy loss.
         token_discount: Discount between the tokens of one action: ``none`` (no discount
@@ -162,6 +167,8 @@ class PPOModule(TokenRLModule):
         gradient_clip_val: float | None = 1.0,
         optimizer: str = "torch.optim.AdamW",
         weight_decay: float = 0.0,
+        lr_schedule: LRSchedule = "constant",
+        min_lr_ratio: float = 0.0,
         normalize_advantages: bool = True,
         token_discount: Literal["none", "gamma"] = "none",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -180,7 +187,8 @@ class PPOModule(TokenRLModule):
         if token_discount not in ("none", "gamma"):
             raise ValueError(f"token_discount must be 'none' or 'gamma', got {token_discount!r}")
         super().__init__(model_name_or_path, policy_lr, critic_lr, gradient_clip_val, optimizer,
-                         weight_decay, chunk_size, policy, critic, reference)
+                         weight_decay, chunk_size, policy, critic, reference,
+                         lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio)
 
     # ------------------------------------------------------------------ models
     def build_critic(self, policy: nn.Module) -> nn.Module:
