@@ -15,8 +15,10 @@ model; for every pair of labels the difference of the mean gains with its 95 % W
 confidence interval and p-value; the environment steps each seed needs before its rollout
 reward (moving mean) first reaches ``--reach``. Writes `bench/results/<stem>.{json,md,png}`
 (the figure: rollout reward and KL to rho against environment steps, mean over seeds with
-a ±1 std band). Evaluations are cached next to each export (`eval_*.json`), so an
-interrupted comparison resumes.
+a ±1 std band; the JSON keeps every seed's curve). Evaluations are cached next to each
+export (`eval_*.json`), so an interrupted comparison resumes. `--recorded LABEL=JSON` adds a
+label from an earlier result whose run folders are gone, only where that result's base
+evaluation is today's bit for bit (same base weights, samples, seed: evaluations reproduce).
 """
 
 from __future__ import annotations
@@ -99,6 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reach", type=float, default=0.0, help="rollout reward for the steps-to-reach column")
     parser.add_argument("--smooth", type=int, default=5, help="collections in the moving mean of the curves")
     parser.add_argument("--stem", default="learning_compare", help="bench/results/<stem>.{json,md,png}")
+    parser.add_argument("--recorded", action="append", default=[], metavar="LABEL=JSON",
+                        help="a label's evaluations from an earlier result of this script (its run folders "
+                             "gone): accepted only if that result's base model, samples and sampling seed "
+                             "are these and its base evaluation equals today's bit for bit (repeat)")
     args = parser.parse_args(argv)
     runs = parse_runs(args.run)
 
@@ -130,6 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
                            "errors": [e["errors"] for e in evals]}
             print(f"{label} {ckpt}: gains {[round(g, 3) for g in entry[ckpt]['gain']]}", flush=True)
         summary[label] = entry
+    for label, path in parse_runs(args.recorded).items():
+        summary[label], recorded_curves = recorded_entry(label, path, base, model_checksum(args.base), args)
+        if recorded_curves:
+            curves[label] = [curve_from_json(c) for c in recorded_curves]
+        print(f"{label}: recorded in {path}" + ("" if recorded_curves else " (no curves recorded)"), flush=True)
 
     comparisons = {
         ckpt: {f"{a} - {b}": welch(summary[a][ckpt]["gain"], summary[b][ckpt]["gain"])
@@ -137,16 +148,51 @@ def main(argv: list[str] | None = None) -> dict:
         for ckpt in args.checkpoints
     }
     table = _tables(summary, comparisons, base, args) + "\n\n" + failure_table(summary, base, args.checkpoints, args.samples)
-    out = {"runs": {k: str(v) for k, v in runs.items()}, "base_model": args.base,
+    out = {"runs": {k: str(v) for k, v in runs.items()},
+           "recorded": {k: str(v) for k, v in parse_runs(args.recorded).items()}, "base_model": args.base,
            "base_model_sha256": model_checksum(args.base), "base": base, "samples": args.samples,
            "eval_seed": args.eval_seed, "reach": args.reach, "smooth": args.smooth, "summary": summary,
-           "comparisons": comparisons, "table": table}
+           "comparisons": comparisons, "table": table,
+           "curves": {label: [curve_to_json(c) for c in seeds] for label, seeds in curves.items()}}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.stem}.json").write_text(json.dumps(out, indent=2))
     (RESULTS / f"{args.stem}.md").write_text(table + "\n")
     _plot(curves, base["reward_mean"], args.smooth, args.reach, RESULTS / f"{args.stem}.png")
     print(table)
     return out
+
+
+def curve_to_json(curve: pd.DataFrame) -> dict:
+    return {"env_steps": curve.index.tolist(), "reward": curve["rollout/reward_mean"].tolist(),
+            "kl": curve["monitor/kl"].tolist()}
+
+
+def curve_from_json(data: dict) -> pd.DataFrame:
+    return pd.DataFrame({"rollout/reward_mean": data["reward"], "monitor/kl": data["kl"]},
+                        index=pd.Index(data["env_steps"], name="rollout/env_steps"))
+
+
+def recorded_entry(label: str, path: Path, base: dict, base_sha256: str,
+                   args: argparse.Namespace) -> tuple[dict, list[dict] | None]:
+    """``label``'s summary from an earlier ``<stem>.json``, refused (SystemExit) unless it was
+    evaluated as today's runs are: the same base weights, samples and sampling seed, and a base
+    evaluation identical to today's (sampling and scoring reproduce, so would its models')."""
+    old = json.loads(Path(path).read_text())
+    problems = [f"{key} {old.get(key)!r} != {now!r}" for key, now in
+                (("base_model_sha256", base_sha256), ("samples", args.samples), ("eval_seed", args.eval_seed))
+                if old.get(key) != now]
+    if old.get("base") != base:
+        problems.append(f"its base evaluation (mean reward {old.get('base', {}).get('reward_mean')}) is not "
+                        f"today's ({base['reward_mean']})")
+    if label not in old.get("summary", {}):
+        problems.append(f"it has no label {label!r} (it has {sorted(old.get('summary', {}))})")
+    if problems:
+        raise SystemExit(f"--recorded {label}={path}: not comparable: " + "; ".join(problems))
+    entry = old["summary"][label]
+    missing = [c for c in args.checkpoints if c not in entry]
+    if missing:
+        raise SystemExit(f"--recorded {label}={path}: no evaluation of {missing}")
+    return entry, old.get("curves", {}).get(label)
 
 
 def _tables(summary: dict, comparisons: dict, base: dict, args: argparse.Namespace) -> str:

@@ -32,6 +32,38 @@ def test_failure_table_averages_each_kind_over_seeds(learning_compare):
     assert len(lines) == 6
 
 
+def _recorded_result(tmp_path: Path, base: dict, name: str = "old", **changes) -> Path:
+    import json
+
+    result = {"base_model_sha256": "abc", "samples": 8, "eval_seed": 7, "base": base,
+              "summary": {"PPO": {"seeds": [0, 1], "hf-best": {"gain": [0.5, 0.7]}, "hf-last": {"gain": [0.9, 1.0]}}},
+              "curves": {"PPO": [{"env_steps": [8.0, 16.0], "reward": [-0.5, 0.25], "kl": [0.0, 0.125]}]}}
+    result.update(changes)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(result))
+    return path
+
+
+def test_a_recorded_label_is_taken_only_from_a_reproduced_base_evaluation(tmp_path, learning_compare):
+    import argparse
+
+    base = {"reward_mean": -0.3142895362128504, "success_rate": 0.390625, "errors": {"syntax": 3}}
+    args = argparse.Namespace(samples=8, eval_seed=7, checkpoints=["hf-best", "hf-last"])
+    entry, curves = learning_compare.recorded_entry("PPO", _recorded_result(tmp_path, base), base, "abc", args)
+    assert entry["hf-last"]["gain"] == [0.9, 1.0]
+    curve = learning_compare.curve_from_json(curves[0])
+    assert curve.index.tolist() == [8.0, 16.0] and curve["rollout/reward_mean"].tolist() == [-0.5, 0.25]
+    assert learning_compare.curve_to_json(curve) == curves[0]  # what a new result writes, it reads back
+
+    other_base = {**base, "reward_mean": -0.3142895362128505}  # one bit off: the evaluation did not reproduce
+    for path, message in [(_recorded_result(tmp_path, other_base, "a"), "base evaluation"),
+                          (_recorded_result(tmp_path, base, "b", eval_seed=8), "eval_seed 8 != 7"),
+                          (_recorded_result(tmp_path, base, "c", base_model_sha256="abd"), "base_model_sha256"),
+                          (_recorded_result(tmp_path, base, "d", summary={}), "no label 'PPO'")]:
+        with pytest.raises(SystemExit, match=message):
+            learning_compare.recorded_entry("PPO", path, base, "abc", args)
+
+
 def _kl_monitor(cfg: dict) -> dict:
     (monitor,) = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith(".KLMonitor")]
     return monitor
