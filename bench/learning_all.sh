@@ -30,6 +30,11 @@ python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_le
 python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/etpo_lam0.9_kl0.15 \
     --label "ETPO(lambda=0.9), replay 3, target KL 0.15" --set data.replay_collections=3 \
     --set "trainer.callbacks[KLMonitor].init_args.target_kl=0.15"
+# This round's ablations of the replay-8 quickstart (docs/results.md, top section).
+python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/etpo_lam0.9_rep8_kl0.15 \
+    --label "ETPO(lambda=0.9), target KL 0.15" --set "trainer.callbacks[KLMonitor].init_args.target_kl=0.15"
+python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/etpo_lam0.9_rep8_cos \
+    --label "ETPO(lambda=0.9), cosine lr" -- --model.init_args.lr_schedule=cosine --model.init_args.min_lr_ratio=0.1
 python bench/learning_compare.py --samples 192 \
     --run "ETPO(lambda=0.9)=runs/bench_learning/etpo_lam0.9_rep8" \
     --run "PPO=runs/bench_learning/ppo" \
@@ -37,4 +42,6 @@ python bench/learning_compare.py --samples 192 \
     --run "ETPO(lambda=0.9), replay 3=runs/bench_learning/etpo_lam0.9" \
     --run "ETPO(lambda=0.9), replay 16=runs/bench_learning/etpo_lam0.9_rep16" \
     --run "ETPO(lambda=0), replay 3=runs/bench_learning/etpo_lam0" \
-    --run "ETPO(lambda=0.9), replay 3, target KL 0.15=runs/bench_learning/etpo_lam0.9_kl0.15"
+    --run "ETPO(lambda=0.9), replay 3, target KL 0.15=runs/bench_learning/etpo_lam0.9_kl0.15" \
+    --run "ETPO(lambda=0.9), target KL 0.15=runs/bench_learning/etpo_lam0.9_rep8_kl0.15" \
+    --run "ETPO(lambda=0.9), cosine lr=runs/bench_learning/etpo_lam0.9_rep8_cos"

@@ -204,6 +204,9 @@ def recorded_entry(label: str, path: Path, base: dict, base_sha256: str,
     missing = [c for c in args.checkpoints if c not in entry]
     if missing:
         raise SystemExit(f"--recorded {label}={path}: no evaluation of {missing}")
+    # Gains against today's base evaluation, as every other label's (they differ by < 1e-4).
+    for ckpt in args.checkpoints:
+        entry[ckpt]["gain"] = [r - base["reward_mean"] for r in entry[ckpt]["reward_mean"]]
     return entry, old.get("curves", {}).get(label)
 
 

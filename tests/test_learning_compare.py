@@ -36,7 +36,8 @@ def _recorded_result(tmp_path: Path, base: dict, name: str = "old", **changes) -
     import json
 
     result = {"base_model_sha256": "abc", "samples": 8, "eval_seed": 7, "base": base,
-              "summary": {"PPO": {"seeds": [0, 1], "hf-best": {"gain": [0.5, 0.7]}, "hf-last": {"gain": [0.9, 1.0]}}},
+              "summary": {"PPO": {"seeds": [0, 1], "hf-best": {"reward_mean": [0.25, 0.5], "gain": [0.5, 0.75]},
+                                  "hf-last": {"reward_mean": [0.75, 1.0], "gain": [1.0, 1.25]}}},
               "curves": {"PPO": [{"env_steps": [8.0, 16.0], "reward": [-0.5, 0.25], "kl": [0.0, 0.125]}]}}
     result.update(changes)
     path = tmp_path / f"{name}.json"
@@ -47,19 +48,21 @@ def _recorded_result(tmp_path: Path, base: dict, name: str = "old", **changes) -
 def test_a_recorded_label_is_taken_only_from_a_reproduced_base_evaluation(tmp_path, learning_compare):
     import argparse
 
-    base = {"reward_mean": -0.3142895362128504, "success_rate": 0.390625, "errors": {"syntax": 3}}
+    base = {"reward_mean": -0.25, "success_rate": 0.390625, "errors": {"syntax": 3}}
     args = argparse.Namespace(samples=8, eval_seed=7, checkpoints=["hf-best", "hf-last"])
     entry, curves = learning_compare.recorded_entry("PPO", _recorded_result(tmp_path, base), base, "abc", args)
-    assert entry["hf-last"]["gain"] == [0.9, 1.0]
+    assert entry["hf-last"]["gain"] == [1.0, 1.25]
     curve = learning_compare.curve_from_json(curves[0])
     assert curve.index.tolist() == [8.0, 16.0] and curve["rollout/reward_mean"].tolist() == [-0.5, 0.25]
     assert learning_compare.curve_to_json(curve) == curves[0]  # what a new result writes, it reads back
 
-    # sklearn's last bits differ across CPUs: the same programs, a mean reward 7e-6 away, is today's.
-    close = {**base, "reward_mean": -0.3142825}
-    assert learning_compare.recorded_entry("PPO", _recorded_result(tmp_path, close, "e"), base, "abc", args)[0] == entry
+    # sklearn's last bits differ across CPUs: the same programs, a mean reward 7e-6 away, is today's,
+    # and the recorded rewards' gains are taken against today's base.
+    today = {**base, "reward_mean": -0.25 + 2 ** -17}
+    recorded, _ = learning_compare.recorded_entry("PPO", _recorded_result(tmp_path, base, "e"), today, "abc", args)
+    assert recorded["hf-best"]["gain"] == [0.5 - 2 ** -17, 0.75 - 2 ** -17]
     other_programs = {**base, "errors": {"syntax": 2, "exception": 1}}
-    far = {**base, "reward_mean": -0.3140}
+    far = {**base, "reward_mean": -0.2498}
     for path, message in [(_recorded_result(tmp_path, other_programs, "a"), "base evaluation"),
                           (_recorded_result(tmp_path, far, "f"), "base evaluation"),
                           (_recorded_result(tmp_path, base, "b", eval_seed=8), "eval_seed 8 != 7"),
