@@ -16,7 +16,7 @@ confidence interval and p-value; the environment steps each seed needs before it
 reward (moving mean) first reaches ``--reach``. Writes `bench/results/<stem>.{json,md,png}`
 (the figure: rollout reward and KL to rho against environment steps, mean over seeds with
 a ±1 std band; the JSON keeps every seed's curve). Evaluations are cached next to each
-export (`eval_*.json`), so an interrupted comparison resumes. `--recorded LABEL=JSON` adds a
+export (`eval_*.json`), so an interrupted comparison resumes. `--recorded LABEL=JSON[#OLD_LABEL]` adds a
 label from an earlier result whose run folders are gone, only where that result's base
 evaluation is today's (same base weights, samples and seed; the same failing programs; the
 mean reward within 1e-4, as sklearn's fits differ in the last bits across CPUs).
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import statistics
 import sys
 from collections import Counter
@@ -45,6 +46,18 @@ def parse_runs(items: list[str]) -> dict[str, Path]:
     """``--run LABEL=DIR`` arguments as {label: folder}. The folder follows the last "=": labels
     such as ETPO(lambda=0.9) hold one themselves."""
     return {label: Path(folder) for label, folder in (item.rsplit("=", 1) for item in items)}
+
+
+def parse_recorded(items: list[str]) -> dict[str, tuple[Path, str]]:
+    """``--recorded LABEL=JSON[#OLD LABEL]`` as {label: (json, label in that json)}; the
+    json's path holds neither "=" nor "#", so both labels may (ETPO(lambda=0.9))."""
+    parsed = {}
+    for item in items:
+        match = re.fullmatch(r"(?P<label>.*)=(?P<path>[^=#]*\.json)(?:#(?P<old>.+))?", item)
+        if not match:
+            raise SystemExit(f"--recorded {item!r}: expected LABEL=PATH.json or LABEL=PATH.json#LABEL IN IT")
+        parsed[match["label"]] = (Path(match["path"]), match["old"] or match["label"])
+    return parsed
 
 
 def seed_dirs(run_dir: Path) -> list[Path]:
@@ -102,10 +115,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reach", type=float, default=0.0, help="rollout reward for the steps-to-reach column")
     parser.add_argument("--smooth", type=int, default=5, help="collections in the moving mean of the curves")
     parser.add_argument("--stem", default="learning_compare", help="bench/results/<stem>.{json,md,png}")
-    parser.add_argument("--recorded", action="append", default=[], metavar="LABEL=JSON",
+    parser.add_argument("--recorded", action="append", default=[], metavar="LABEL=JSON[#OLD_LABEL]",
                         help="a label's evaluations from an earlier result of this script (its run folders "
                              "gone): accepted only if that result's base model, samples and sampling seed "
-                             "are these and its base evaluation is today's (repeat)")
+                             "are these and its base evaluation is today's; #OLD_LABEL when it was "
+                             "labelled otherwise there (repeat)")
     args = parser.parse_args(argv)
     runs = parse_runs(args.run)
 
@@ -137,8 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
                            "errors": [e["errors"] for e in evals]}
             print(f"{label} {ckpt}: gains {[round(g, 3) for g in entry[ckpt]['gain']]}", flush=True)
         summary[label] = entry
-    for label, path in parse_runs(args.recorded).items():
-        summary[label], recorded_curves = recorded_entry(label, path, base, model_checksum(args.base), args)
+    recorded = parse_recorded(args.recorded)
+    for label, (path, old_label) in recorded.items():
+        summary[label], recorded_curves = recorded_entry(old_label, path, base, model_checksum(args.base), args)
         if recorded_curves:
             curves[label] = [curve_from_json(c) for c in recorded_curves]
         print(f"{label}: recorded in {path}" + ("" if recorded_curves else " (no curves recorded)"), flush=True)
@@ -150,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     table = _tables(summary, comparisons, base, args) + "\n\n" + failure_table(summary, base, args.checkpoints, args.samples)
     out = {"runs": {k: str(v) for k, v in runs.items()},
-           "recorded": {k: str(v) for k, v in parse_runs(args.recorded).items()}, "base_model": args.base,
+           "recorded": {k: f"{path}#{old}" for k, (path, old) in recorded.items()}, "base_model": args.base,
            "base_model_sha256": model_checksum(args.base), "base": base, "samples": args.samples,
            "eval_seed": args.eval_seed, "reach": args.reach, "smooth": args.smooth, "summary": summary,
            "comparisons": comparisons, "table": table,

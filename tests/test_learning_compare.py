@@ -72,6 +72,15 @@ def test_a_recorded_label_is_taken_only_from_a_reproduced_base_evaluation(tmp_pa
             learning_compare.recorded_entry("PPO", path, base, "abc", args)
 
 
+def test_recorded_labels_may_hold_equals_signs_and_be_renamed(learning_compare):
+    parsed = learning_compare.parse_recorded(["PPO=bench/results/a.json",
+                                              "ETPO(lambda=0.9), critic lr 1e-3=b/c.json#ETPO(lambda=0.9)"])
+    assert parsed == {"PPO": (Path("bench/results/a.json"), "PPO"),
+                      "ETPO(lambda=0.9), critic lr 1e-3": (Path("b/c.json"), "ETPO(lambda=0.9)")}
+    with pytest.raises(SystemExit, match="expected LABEL=PATH.json"):
+        learning_compare.parse_recorded(["PPO=runs/bench_learning/ppo"])
+
+
 def _kl_monitor(cfg: dict) -> dict:
     (monitor,) = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith(".KLMonitor")]
     return monitor
