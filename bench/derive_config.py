@@ -95,11 +95,15 @@ def differences(a, b, prefix: str = "") -> list[str]:
 
 
 def parse_assignment(item: str) -> tuple[str, object]:
-    """``"a.b=0.15"`` -> ``("a.b", 0.15)`` (the value parsed as YAML)."""
+    """``"a.b=0.15"`` -> ``("a.b", 0.15)`` (the value parsed as YAML; ``3e-4``, a string to
+    PyYAML's YAML 1.1, is the float the CLI makes of it for a float argument)."""
     if "=" not in item:
         raise ValueError(f"--set wants dotted.key=value, got {item!r}")
     key, value = item.split("=", 1)
-    return key, yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", parsed.strip()):
+        parsed = float(parsed)
+    return key, parsed
 
 
 def parse_sets(sets: list[str]) -> dict:

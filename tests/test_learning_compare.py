@@ -161,3 +161,20 @@ def test_reuse_refuses_a_run_trained_with_another_config(tmp_path):
                                           overrides={"data.replay_collections": 16}), [], run_info)
     with pytest.raises(SystemExit, match=r"data\.replay_collections"):
         learning.check_reusable(root, derived(config, root, seed=0, max_steps=300), [], run_info)
+    # A float written as the CLI takes it (3e-4, a string to YAML 1.1) is the config's 3.0e-4.
+    run_info["extra"] = ["--model.init_args.critic_lr=3e-4"]
+    learning.check_reusable(root, derived(config, root, seed=0, max_steps=300,
+                                          overrides={"model.init_args.critic_lr": 3.0e-4}), [], run_info)
+    with pytest.raises(SystemExit, match=r"model\.init_args\.critic_lr"):
+        learning.check_reusable(root, derived(config, root, seed=0, max_steps=300,
+                                              overrides={"model.init_args.critic_lr": 1.0e-4}), [], run_info)
+
+
+def test_assignments_parse_values_as_the_cli_does():
+    from derive_config import parse_assignment
+
+    assert parse_assignment("model.init_args.critic_lr=3e-4") == ("model.init_args.critic_lr", 3e-4)
+    assert parse_assignment("a=1.0e-3") == ("a", 1e-3)
+    assert parse_assignment("a=16") == ("a", 16)
+    assert parse_assignment("a=cosine") == ("a", "cosine")
+    assert parse_assignment("a=3e-4x") == ("a", "3e-4x")
