@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The learning evidence of README "Results", end to end (about 6-7 hours on 2 cores):
+# The learning evidence of README "Results", end to end (about 9 hours on 2 cores):
 #
 #     bash bench/learning_all.sh                 # seeds 0-4 of every method, then one evaluation
 #     SEEDS="0 1" bash bench/learning_all.sh     # fewer seeds
@@ -14,34 +14,42 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=${SEEDS:-"0 1 2 3 4"}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-# The quickstart as shipped (replay 8 since December 4), then its replay-3 predecessor and the
-# ablations of docs/results.md, each named by what it changes (--set edits the derived config).
-python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/etpo_lam0.9_rep8 --label "ETPO(lambda=0.9)"
+# The quickstart as shipped (replay 8 and critic lr 3e-4 since December 4), then its
+# predecessors and the ablations of docs/results.md, each named by what it changes (--set
+# edits the derived config). Every ETPO row but the first ran with critic lr 1e-3 (the
+# quickstart's until this round), hence C1E3 on each.
+C1E3="model.init_args.critic_lr=1.0e-3"
+python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/etpo_lam0.9_rep8_clr3e-4 --label "ETPO(lambda=0.9)"
 python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/ppo --label PPO \
     --config configs/ppo_quickstart.yaml
 python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/grpo --label GRPO \
     --config configs/grpo_quickstart.yaml
-python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/etpo_lam0.9 \
-    --label "ETPO(lambda=0.9), replay 3" --set data.replay_collections=3
-python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/etpo_lam0.9_rep16 \
-    --label "ETPO(lambda=0.9), replay 16" --set data.replay_collections=16
-python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/etpo_lam0 \
-    --label "ETPO(lambda=0), replay 3" --set data.replay_collections=3 -- --model.init_args.lam=0
-python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/etpo_lam0.9_kl0.15 \
-    --label "ETPO(lambda=0.9), replay 3, target KL 0.15" --set data.replay_collections=3 \
-    --set "trainer.callbacks[KLMonitor].init_args.target_kl=0.15"
-# This round's ablations of the replay-8 quickstart (docs/results.md, top section).
+python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/etpo_lam0.9_rep8 \
+    --label "ETPO(lambda=0.9), critic lr 1e-3" --set $C1E3
 python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/etpo_lam0.9_rep8_kl0.15 \
-    --label "ETPO(lambda=0.9), target KL 0.15" --set "trainer.callbacks[KLMonitor].init_args.target_kl=0.15"
+    --label "ETPO(lambda=0.9), critic lr 1e-3, target KL 0.15" --set $C1E3 \
+    --set "trainer.callbacks[KLMonitor].init_args.target_kl=0.15"
 python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/etpo_lam0.9_rep8_cos \
-    --label "ETPO(lambda=0.9), cosine lr" -- --model.init_args.lr_schedule=cosine --model.init_args.min_lr_ratio=0.1
+    --label "ETPO(lambda=0.9), critic lr 1e-3, cosine lr" --set $C1E3 \
+    -- --model.init_args.lr_schedule=cosine --model.init_args.min_lr_ratio=0.1
+python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/etpo_lam0.9 \
+    --label "ETPO(lambda=0.9), critic lr 1e-3, replay 3" --set $C1E3 --set data.replay_collections=3
+python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/etpo_lam0.9_rep16 \
+    --label "ETPO(lambda=0.9), critic lr 1e-3, replay 16" --set $C1E3 --set data.replay_collections=16
+python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/etpo_lam0 \
+    --label "ETPO(lambda=0), critic lr 1e-3, replay 3" --set $C1E3 --set data.replay_collections=3 \
+    -- --model.init_args.lam=0
+python bench/learning.py --train-only --reuse --seeds $SEEDS --out runs/bench_learning/etpo_lam0.9_kl0.15 \
+    --label "ETPO(lambda=0.9), critic lr 1e-3, replay 3, target KL 0.15" --set $C1E3 \
+    --set data.replay_collections=3 --set "trainer.callbacks[KLMonitor].init_args.target_kl=0.15"
 python bench/learning_compare.py --samples 192 \
-    --run "ETPO(lambda=0.9)=runs/bench_learning/etpo_lam0.9_rep8" \
+    --run "ETPO(lambda=0.9)=runs/bench_learning/etpo_lam0.9_rep8_clr3e-4" \
     --run "PPO=runs/bench_learning/ppo" \
     --run "GRPO=runs/bench_learning/grpo" \
-    --run "ETPO(lambda=0.9), replay 3=runs/bench_learning/etpo_lam0.9" \
-    --run "ETPO(lambda=0.9), replay 16=runs/bench_learning/etpo_lam0.9_rep16" \
-    --run "ETPO(lambda=0), replay 3=runs/bench_learning/etpo_lam0" \
-    --run "ETPO(lambda=0.9), replay 3, target KL 0.15=runs/bench_learning/etpo_lam0.9_kl0.15" \
-    --run "ETPO(lambda=0.9), target KL 0.15=runs/bench_learning/etpo_lam0.9_rep8_kl0.15" \
-    --run "ETPO(lambda=0.9), cosine lr=runs/bench_learning/etpo_lam0.9_rep8_cos"
+    --run "ETPO(lambda=0.9), critic lr 1e-3=runs/bench_learning/etpo_lam0.9_rep8" \
+    --run "ETPO(lambda=0.9), critic lr 1e-3, target KL 0.15=runs/bench_learning/etpo_lam0.9_rep8_kl0.15" \
+    --run "ETPO(lambda=0.9), critic lr 1e-3, cosine lr=runs/bench_learning/etpo_lam0.9_rep8_cos" \
+    --run "ETPO(lambda=0.9), critic lr 1e-3, replay 3=runs/bench_learning/etpo_lam0.9" \
+    --run "ETPO(lambda=0.9), critic lr 1e-3, replay 16=runs/bench_learning/etpo_lam0.9_rep16" \
+    --run "ETPO(lambda=0), critic lr 1e-3, replay 3=runs/bench_learning/etpo_lam0" \
+    --run "ETPO(lambda=0.9), critic lr 1e-3, replay 3, target KL 0.15=runs/bench_learning/etpo_lam0.9_kl0.15"
