@@ -19,7 +19,7 @@ a ±1 std band; the JSON keeps every seed's curve). Evaluations are cached next 
 export (`eval_*.json`), so an interrupted comparison resumes. `--recorded LABEL=JSON[#OLD_LABEL]` adds a
 label from an earlier result whose run folders are gone, only where that result's base
 evaluation is today's (same base weights, samples and seed; the same failing programs; the
-mean reward within 1e-4, as sklearn's fits differ in the last bits across CPUs).
+mean reward within 1e-4, as a few sklearn fits differ slightly across CPUs).
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def curve_from_json(data: dict) -> pd.DataFrame:
 
 # How far a recorded base evaluation's mean reward may be from today's. The programs sampled are
 # the same (same weights, seed: same failures, same successes), but a few sklearn fits are not
-# bit-reproducible across CPUs (BLAS and numpy pick other kernels on AVX-512 than on AVX2): the
+# reproducible across CPUs (BLAS and numpy pick other kernels on AVX-512 than on AVX2): the
 # AVX2 round's base model scored -0.3142895 there and -0.3142825 on an AVX-512 machine.
 REWARD_TOLERANCE = 1e-4
 

@@ -56,7 +56,7 @@ def test_a_recorded_label_is_taken_only_from_a_reproduced_base_evaluation(tmp_pa
     assert curve.index.tolist() == [8.0, 16.0] and curve["rollout/reward_mean"].tolist() == [-0.5, 0.25]
     assert learning_compare.curve_to_json(curve) == curves[0]  # what a new result writes, it reads back
 
-    # sklearn's last bits differ across CPUs: the same programs, a mean reward 7e-6 away, is today's,
+    # A few sklearn fits differ across CPUs: the same programs, a mean reward 7e-6 away, is today's,
     # and the recorded rewards' gains are taken against today's base.
     today = {**base, "reward_mean": -0.25 + 2 ** -17}
     recorded, _ = learning_compare.recorded_entry("PPO", _recorded_result(tmp_path, base, "e"), today, "abc", args)
