@@ -151,9 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
                            "errors": [e["errors"] for e in evals]}
             print(f"{label} {ckpt}: gains {[round(g, 3) for g in entry[ckpt]['gain']]}", flush=True)
         summary[label] = entry
+    base_sha256 = model_checksum(args.base)
     recorded = parse_recorded(args.recorded)
     for label, (path, old_label) in recorded.items():
-        summary[label], recorded_curves = recorded_entry(old_label, path, base, model_checksum(args.base), args)
+        summary[label], recorded_curves = recorded_entry(old_label, path, base, base_sha256, args)
         if recorded_curves:
             curves[label] = [curve_from_json(c) for c in recorded_curves]
         print(f"{label}: recorded in {path}" + ("" if recorded_curves else " (no curves recorded)"), flush=True)
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = _tables(summary, comparisons, base, args) + "\n\n" + failure_table(summary, base, args.checkpoints, args.samples)
     out = {"runs": {k: str(v) for k, v in runs.items()},
            "recorded": {k: f"{path}#{old}" for k, (path, old) in recorded.items()}, "base_model": args.base,
-           "base_model_sha256": model_checksum(args.base), "base": base, "samples": args.samples,
+           "base_model_sha256": base_sha256, "base": base, "samples": args.samples,
            "eval_seed": args.eval_seed, "reach": args.reach, "smooth": args.smooth, "summary": summary,
            "comparisons": comparisons, "table": table,
            "curves": {label: [curve_to_json(c) for c in seeds] for label, seeds in curves.items()}}

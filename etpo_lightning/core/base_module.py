@@ -252,13 +252,13 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
     def apply_lr_schedule(self, optimizers: list) -> None:
         """Set every group's learning rate to its configured value times ``lr_factor`` of this
         batch (``lr_schedule``, ``min_lr_ratio``; ``trainer.max_steps`` batches in all)."""
-        schedule = self.hparams.get("lr_schedule", "constant")
+        schedule = self.hparams.lr_schedule
         if schedule == "constant":
             return
         steps_per_batch = self.optimizer_steps_per_batch
         total = self.trainer.max_steps // steps_per_batch if self.trainer.max_steps > 0 else -1
         factor = lr_factor(schedule, self.trainer.global_step // steps_per_batch, total,
-                           self.hparams.get("min_lr_ratio", 0.0))
+                           self.hparams.min_lr_ratio)
         for opt in optimizers:
             for group in opt.param_groups:
                 group.setdefault("configured_lr", group["lr"])

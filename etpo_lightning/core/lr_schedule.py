@@ -8,10 +8,10 @@ restored) continues on the same curve without scheduler state in the checkpoint.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 LRSchedule = Literal["constant", "linear", "cosine"]
-SCHEDULES = ("constant", "linear", "cosine")
+SCHEDULES = get_args(LRSchedule)
 
 
 def check_schedule(schedule: str, min_lr_ratio: float) -> None:
