@@ -55,11 +55,11 @@ def save_tiny_assets(root: Path, tokenizer: PreTrainedTokenizerFast, seed: int =
     return str(root / "model"), str(root / "tok")
 
 
-def run_ddp_fit(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``tests/ddp_fit.py`` with ``args`` (it starts the ranks); on a timeout (ranks
-    deadlocked in a collective) kill the whole process group, every rank, and fail."""
+def run_ddp_fit(args: list[str], timeout: int = 300, script: Path = DDP_FIT) -> subprocess.CompletedProcess:
+    """Run ``script`` (``tests/ddp_fit.py``) with ``args`` (it starts the ranks); on a timeout
+    (ranks deadlocked in a collective) kill the whole process group, every rank, and fail."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(DDP_FIT.parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, str(DDP_FIT), *args], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)

@@ -31,16 +31,25 @@ from torch import Tensor, nn
 
 from etpo_lightning.core.batch import TransitionBatch
 from etpo_lightning.core.distributed import (
-    build_sharded_models,
+    check_critic_loadable_from_meta,
     check_polyak_pairs_sharded_alike,
     fsdp_replicas,
     is_fsdp_strategy,
     sharded_clip_grad_norm_,
     summon_own_params,
 )
+from etpo_lightning.core.fsdp2 import (
+    fully_shard_network,
+    gathered_state_dict,
+    is_fsdp2_strategy,
+    is_sharded,
+    load_full_states,
+    shard_mesh,
+    unsharded,
+)
 from etpo_lightning.core.forwards import TokenForwards
 from etpo_lightning.core.lr_schedule import LRSchedule, check_schedule, lr_factor
-from etpo_lightning.core.models import empty_causal_lm, load_causal_lm, share_weights
+from etpo_lightning.core.models import empty_causal_lm, load_causal_lm, match_dtypes, share_weights
 from etpo_lightning.core.networks import LazyNetworks
 from etpo_lightning.core.rank_stats import Reduce, reduce_across_ranks
 from etpo_lightning.core.state import gather_rng_states, restore_rng_states
@@ -135,7 +144,7 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
     # ------------------------------------------------------------------ models
     def load_policy(self) -> nn.Module:
         """The policy when none is injected: loaded from ``model_name_or_path`` (only its
-        architecture, on the meta device, while ``build_sharded_models`` builds for FSDP)."""
+        architecture, on the meta device, while ``build_on_meta`` builds for FSDP)."""
         if self.__dict__.get("_policy_on_meta"):
             return empty_causal_lm(self.hparams.model_name_or_path)
         return load_causal_lm(self.hparams.model_name_or_path)
@@ -156,15 +165,96 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         self.critic = critic.train() if critic is not None else None
 
     def configure_model(self) -> None:
-        """Build the networks if nothing has yet (idempotent; see ``build_models``).
+        """Build the networks if nothing has yet (idempotent; see ``build_models``), and shard
+        them under FSDP2.
 
         Lightning calls this at fit start (and in ``load_from_checkpoint``), inside the
         strategy's init context. The policy is loaded, the other networks are copies: four
-        on every rank, as DDP needs; under FSDP, built on meta with one load on rank 0
-        (``sharded_loading``, ``core.distributed.build_sharded_models``)."""
-        if not self.models_built and self.sharded_loading and self.under_fsdp():
-            build_sharded_models(self)
+        on every rank, as DDP needs. Under FSDP (``FSDPStrategy``) and FSDP2
+        (``ModelParallelStrategy``) they are built on meta with one load on rank 0
+        (``sharded_loading``, ``build_on_meta``); FSDP2 then shards them here
+        (``shard_networks``), FSDP when Lightning wraps the module."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        fsdp1, fsdp2 = is_fsdp_strategy(strategy), is_fsdp2_strategy(strategy)
+        on_meta = False
+        if not self.models_built and self.sharded_loading and (fsdp1 or fsdp2) and self.loads_own_policy():
+            on_meta = self.build_on_meta()
+            if fsdp1 and self.trainer.world_size > 1:
+                strategy.kwargs["sync_module_states"] = True  # rank 0's weights broadcast before sharding
         self.build_models()
+        if fsdp2:
+            self.shard_networks(strategy, on_meta)
+
+    @property
+    def trainer(self) -> pl.Trainer:
+        return pl.LightningModule.trainer.fget(self)
+
+    @trainer.setter
+    def trainer(self, trainer: pl.Trainer | None) -> None:
+        # Known before Lightning's setter walks ``children()``: the walk asks
+        # ``defer_build_on_walks``, which depends on the trainer's strategy.
+        self._trainer = trainer
+        pl.LightningModule.trainer.fset(self, trainer)
+
+    def defer_build_on_walks(self) -> bool:
+        """Lightning walks ``modules()`` / ``children()`` before ``configure_model`` (attaching
+        the trainer, the setup hook); building then would load every network in full on every
+        rank. Under a sharded strategy with sharded loading the build waits for
+        ``configure_model`` (``build_on_meta``)."""
+        return (self._trainer is not None and self.sharded_loading and self.under_fsdp()
+                and self.loads_own_policy())
+
+    def loads_own_policy(self) -> bool:
+        """Whether the policy comes from ``model_name_or_path`` through this class's
+        ``load_policy`` (not injected, no subclass loading of its own): only then can the
+        networks be built on the meta device and loaded once."""
+        return ("policy" not in (self.__dict__.get("_injected_networks") or {})
+                and type(self).load_policy is TokenRLModule.load_policy)
+
+    def build_on_meta(self) -> bool:
+        """Build the networks for sharding without a full copy per network on every rank.
+
+        Every rank builds them on the meta device from the checkpoint's config (the usual
+        ``build_reference`` / ``build_critic`` hooks, on a meta policy: no memory). Rank 0 alone
+        reads the checkpoint, once, and ``load_initial_weights`` gives every network its weights
+        from that one copy (shared storage, no deep copies); the strategy then sends them to the
+        other ranks (FSDP's ``sync_module_states``, FSDP2's ``load_full_states``). Returns True."""
+        self._policy_on_meta = True  # load_policy gives the architecture on the meta device
+        try:
+            self.build_models()
+        finally:
+            self._policy_on_meta = False
+        check_critic_loadable_from_meta(self.critic)
+        if self.global_rank == 0:
+            loaded = load_causal_lm(self.hparams.model_name_or_path)
+            match_dtypes(loaded, self.policy)
+            self.load_initial_weights(loaded)
+            left = [name for name, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+            if left:
+                raise RuntimeError(f"load_initial_weights left tensors on the meta device: {left[:5]}")
+        return True
+
+    def sharded_networks(self) -> dict[str, nn.Module]:
+        """The networks FSDP2 shards, each on its own (policy, critic, reference, target...)."""
+        nets = {name: self.__dict__.get("_modules", {}).get(name) for name in self.model_attributes}
+        return {name: net for name, net in nets.items() if isinstance(net, nn.Module)}
+
+    def shard_networks(self, strategy: Any, on_meta: bool) -> None:
+        """``fully_shard`` every network (each decoder layer a unit, the root the rest) over the
+        data-parallel ranks, with the strategy's ``MixedPrecisionPolicy`` if it has one; networks
+        built on meta get rank 0's weights (``load_full_states``). Idempotent."""
+        nets = self.sharded_networks()
+        if all(is_sharded(net) for net in nets.values()):
+            return
+        mesh = shard_mesh(strategy)
+        mp_policy = strategy.mixed_precision_policy() if hasattr(strategy, "mixed_precision_policy") else None
+        reshard = getattr(strategy, "reshard_after_forward", True)
+        # Rank 0's full weights, taken before sharding replaces them by its shard.
+        full = {name: dict(net.state_dict()) for name, net in nets.items()} if on_meta and self.global_rank == 0 else None
+        for net in nets.values():
+            fully_shard_network(net, mesh, mp_policy, reshard)
+        if on_meta:
+            load_full_states(nets, full, strategy.root_device)
 
     def load_initial_weights(self, loaded: nn.Module) -> None:
         """Fill the networks built on meta from ``loaded`` (the checkpoint's policy, rank 0 under
@@ -238,14 +328,16 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         Lightning calls this hook inside ``optimizer.step()`` AFTER a 16-mixed GradScaler has
         unscaled the gradients; clipping in ``training_step`` would clip the scaled ones.
         FSDP's precision plugin refuses norm clipping (a shard's local norm is not the
-        global norm), so under FSDP the norm is all-reduced over the shards instead.
+        global norm), so under FSDP and FSDP2 the norm is all-reduced over the shards instead.
         """
         clip = self.hparams.gradient_clip_val
         if not clip:
             return
-        if is_fsdp_strategy(self.trainer.strategy):
+        strategy = self.trainer.strategy
+        if is_fsdp_strategy(strategy) or is_fsdp2_strategy(strategy):
+            # FSDP2's gradients are DTensors: each counts its own shards (see sharded_clip_grad_norm_).
             params = [p for group in optimizer.param_groups for p in group["params"]]
-            sharded_clip_grad_norm_(params, clip, fsdp_replicas(self.trainer.strategy.model))
+            sharded_clip_grad_norm_(params, clip, fsdp_replicas(strategy.model) if is_fsdp_strategy(strategy) else 1)
         else:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
@@ -304,21 +396,45 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
     def generation_context(self, model: nn.Module) -> Iterator[None]:
         """Context for calling ``model.generate`` (or any method that bypasses ``forward``).
 
-        HF ``generate`` calls the inner module, not the FSDP wrapper's ``forward``, so the
+        FSDP: HF ``generate`` calls the inner module, not the FSDP wrapper's ``forward``, so the
         parameters FSDP keeps at the top of ``model``'s unit (embeddings, final norm, LM head)
         would stay sharded. They are gathered here (without writeback: generation only
         reads them); the decoder layers are units of their own and gather themselves.
+
+        FSDP2: every unit's hooks would gather it again for each generated token (one
+        all-gather of the whole network per token). Instead the whole network is gathered
+        once on entry and kept until exit (``fsdp2.unsharded``): one all-gather per
+        ``generate`` call, at the price of a full copy of the network (in its compute dtype)
+        on every rank while generating.
         """
-        if self.under_fsdp():
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if is_fsdp_strategy(strategy):
             with summon_own_params(model):
+                yield
+        elif is_fsdp2_strategy(strategy):
+            with unsharded(model):
                 yield
         else:
             yield
 
     def under_fsdp(self) -> bool:
-        """Whether the trainer shards this module with FSDP (ranks must then make the same
-        number of forward calls, also outside training_step)."""
-        return self._trainer is not None and is_fsdp_strategy(self.trainer.strategy)
+        """Whether the trainer shards this module with FSDP or FSDP2 (ranks must then make the
+        same number of forward calls, also outside training_step)."""
+        return self._trainer is not None and (is_fsdp_strategy(self.trainer.strategy)
+                                              or is_fsdp2_strategy(self.trainer.strategy))
+
+    def lockstep_forwards(self) -> bool:
+        """Whether every rank must make the same forward calls: each forward of a sharded
+        network all-gathers its shards from every rank."""
+        return self.under_fsdp()
+
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        """The policy's full weights under Hugging Face names, on the CPU. Sharded (FSDP2):
+        gathered from every rank's ``DTensor`` shards (``full_tensor``): a collective, every
+        rank calls it and gets the whole copy."""
+        if any(is_sharded(m) for m in self.policy.modules()):
+            return gathered_state_dict(self.policy)
+        return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
 
     def polyak_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(online, averaged copy) module pairs updated shard by shard: (critic, target critic)
@@ -338,8 +454,10 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         check_polyak_pairs_sharded_alike(self.polyak_pairs())
 
     def on_fit_start(self) -> None:
-        if self.under_fsdp():
+        if is_fsdp_strategy(self.trainer.strategy):
             self._setup_fsdp()
+        elif is_fsdp2_strategy(self.trainer.strategy):
+            check_polyak_pairs_sharded_alike(self.polyak_pairs())
         # Frozen networks are in eval mode on purpose; Lightning's generic "modules in eval
         # mode" warning would only confuse users about them.
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")

@@ -1,8 +1,8 @@
-"""Distributed helpers: FSDP detection, loading for FSDP, gradient clipping over shards, FSDP set-up.
+"""Distributed helpers: FSDP detection and set-up checks, gradient clipping over shards (FSDP and FSDP2).
 
 ``TokenRLModule`` calls these from its FSDP hooks (``configure_model``,
 ``on_before_optimizer_step``, ``generation_context``, ``on_fit_start``); nothing here runs
-without a distributed strategy except ``is_fsdp_strategy``.
+without a distributed strategy except ``is_fsdp_strategy``. FSDP2's sharding is in ``core/fsdp2.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from etpo_lightning.core.models import load_causal_lm, match_dtypes
 
 
 def is_fsdp_strategy(strategy: Any) -> bool:
@@ -36,26 +35,48 @@ def fsdp_replicas(root: nn.Module) -> int:
 
 @torch.no_grad()
 def sharded_clip_grad_norm_(params: list[nn.Parameter], max_norm: float, replicas: int) -> Tensor:
-    """Clip the global L2 norm of gradients that are sharded across ranks (FSDP).
+    """Clip the global L2 norm of gradients that are sharded across ranks (FSDP, FSDP2).
 
     ``torch.nn.utils.clip_grad_norm_`` would clip each rank's shard by its own norm. Here
     every rank sums the squares of its local gradient shard, the sums are all-reduced
-    (divided by ``replicas`` because replicated shards were counted that many times), and
-    every rank scales its shard by the same coefficient. Returns the total norm.
+    (divided by the number of ranks holding each element: ``replicas`` for FSDP's flat
+    shards, from its placements for an FSDP2 ``DTensor``), and every rank scales its shard by
+    the same coefficient. Returns the total norm.
     """
     grads = [p.grad for p in params if p.grad is not None]
-    device = grads[0].device if grads else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    locals_ = [_local(g) for g in grads]
+    device = locals_[0].device if grads else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sumsq = torch.zeros((), dtype=torch.float32, device=device)
-    for g in grads:
-        sumsq += g.detach().float().pow(2).sum()
+    for g, local in zip(grads, locals_):
+        # A DTensor held by k ranks is counted k times by the sum: pre-divide it by k.
+        sumsq += local.detach().float().pow(2).sum() * (replicas / _holders(g, replicas))
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sumsq)
         sumsq /= replicas
     total = sumsq.sqrt()
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef.to(g.dtype))
+    for local in locals_:
+        local.mul_(coef.to(local.dtype))
     return total
+
+
+def _local(t: Tensor) -> Tensor:
+    """A ``DTensor``'s local shard (the same storage: scaling it scales the gradient), or ``t``."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _holders(g: Tensor, replicas: int) -> int:
+    """How many ranks hold each element of ``g``: a ``DTensor`` is replicated along its mesh's
+    non-sharded dimensions and on every rank outside its mesh; a plain shard ``replicas``
+    times (all ranks, or 1, when not distributed)."""
+    mesh = getattr(g, "device_mesh", None)
+    if mesh is None:
+        return replicas
+    count = dist.get_world_size() // mesh.size()
+    for dim, placement in enumerate(g.placements):
+        if not placement.is_shard():
+            count *= mesh.size(dim)
+    return count
 
 
 @contextlib.contextmanager
@@ -85,39 +106,12 @@ def check_polyak_pairs_sharded_alike(pairs: list[tuple[nn.Module, nn.Module]]) -
             )
 
 
-def build_sharded_models(module: Any) -> None:
-    """Build a ``TokenRLModule``'s networks for FSDP without a full copy per network on every rank.
-
-    Every rank builds the four networks on the meta device from the checkpoint's config
-    (the module's usual ``build_reference`` / ``build_critic`` hooks, on a meta policy: no
-    memory). Rank 0 alone reads the checkpoint, once, and ``module.load_initial_weights``
-    gives every network its weights from that one copy (shared storage, no deep copies).
-    FSDP then wraps each network: it moves rank 0's units to the device and flattens them
-    (each network gets its own flat parameters), materialises the other ranks' meta units,
-    and with ``sync_module_states`` (set here) broadcasts rank 0's weights before sharding.
-    """
-    from etpo_lightning.core.base_module import TokenRLModule
-
-    if "policy" in (module.__dict__.get("_injected_networks") or {}) or (
-            type(module).load_policy is not TokenRLModule.load_policy):
-        return  # an injected policy, or a subclass's own loading: built as without FSDP
-    module._policy_on_meta = True  # load_policy gives the architecture on the meta device
-    try:
-        module.build_models()
-    finally:
-        module._policy_on_meta = False
-    if module.critic is not None and not hasattr(module.critic, "load_policy_weights"):
+def check_critic_loadable_from_meta(critic: nn.Module | None) -> None:
+    """Raise unless ``critic``, built on the meta device, can take its initial weights from the
+    policy checkpoint (a ``load_policy_weights(policy)`` method, as ``TokenQCritic`` has)."""
+    if critic is not None and not hasattr(critic, "load_policy_weights"):
         raise TypeError(
-            f"{type(module.critic).__name__} cannot take its initial weights from the policy checkpoint when "
+            f"{type(critic).__name__} cannot take its initial weights from the policy checkpoint when "
             "built on the meta device: give it a load_policy_weights(policy) method (see TokenQCritic), "
             "override load_initial_weights, or set sharded_loading = False"
         )
-    if module.global_rank == 0:
-        loaded = load_causal_lm(module.hparams.model_name_or_path)
-        match_dtypes(loaded, module.policy)
-        module.load_initial_weights(loaded)
-        left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-        if left:
-            raise RuntimeError(f"load_initial_weights left tensors on the meta device: {left[:5]}")
-    if module.trainer.world_size > 1:
-        module.trainer.strategy.kwargs["sync_module_states"] = True

@@ -125,12 +125,19 @@ class LazyNetworks:
     # parameters(), modules(), train(), to() ... go through these two; state_dict and
     # load_state_dict walk ``_modules`` directly.
     def named_modules(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Module]]:
-        self.build_models()
+        if not self.defer_build_on_walks():
+            self.build_models()
         return super().named_modules(*args, **kwargs)
 
     def named_children(self) -> Iterator[tuple[str, nn.Module]]:
-        self.build_models()
+        if not self.defer_build_on_walks():
+            self.build_models()
         return super().named_children()
+
+    def defer_build_on_walks(self) -> bool:
+        """Whether ``modules()`` / ``children()`` must not build the networks yet (a subclass
+        that builds them elsewhere, e.g. on the meta device for sharding, says when)."""
+        return False
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         self.build_models()

@@ -84,7 +84,7 @@ class TokenQCritic(nn.Module):
 
     def load_policy_weights(self, policy: nn.Module) -> None:
         """Take the initial weights from ``policy`` after being built on the meta device
-        (FSDP loading, ``core.distributed.build_sharded_models``): the backbone shares the
+        (FSDP loading, ``TokenRLModule.build_on_meta``): the backbone shares the
         policy's tensors (no copy); a zeroed head and the value head get new zero tensors, so
         the result equals ``from_policy(policy)``'s."""
         from etpo_lightning.core.models import share_weights

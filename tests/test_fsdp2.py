@@ -1,0 +1,72 @@
+"""FSDP2 (``fully_shard`` under Lightning's ``ModelParallelStrategy``) on two CPU ranks (gloo).
+
+Each fit runs ``tests/fsdp2_fit.py`` in real processes: one process without sharding, or two
+ranks sharding every network. On the same fixed global batches the two-rank run must give
+the one-process losses and weights (to 1e-5 in float32): gradients averaged by the
+reduce-scatter, the clipping norm all-reduced over the shards, the Polyak update and the
+training-time bootstraps computed on DTensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import run_ddp_fit, tiny_llama
+
+FSDP2_FIT = Path(__file__).with_name("fsdp2_fit.py")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("fsdp2") / "model"
+    tiny_llama(64, seed=1).save_pretrained(path)
+    return str(path)
+
+
+def fit(out: Path, model: str, *args: str) -> list[dict]:
+    run_ddp_fit([str(out), "--model", model, *args], script=FSDP2_FIT)
+    return [torch.load(p, weights_only=False) for p in sorted(out.glob("rank*.pt"))]
+
+
+def assert_same_training(one: dict, ranks: list[dict], networks: set[str]) -> None:
+    """Losses: the mean of the ranks' (equal token counts); weights: every network, gathered."""
+    assert len(one["losses"]) == len(ranks[0]["losses"]) == len(ranks[1]["losses"])
+    for step, want in enumerate(one["losses"]):
+        for key, value in want.items():
+            got = sum(r["losses"][step][key] for r in ranks) / len(ranks)
+            assert got == pytest.approx(value, abs=1e-5, rel=1e-5), (step, key)
+    assert set(one["weights"]) == networks
+    for name, state in one["weights"].items():
+        for r in ranks:
+            assert state.keys() == r["weights"][name].keys()
+            for key, value in state.items():
+                torch.testing.assert_close(r["weights"][name][key], value, atol=1e-5, rtol=1e-5, msg=f"{name}.{key}")
+
+
+@pytest.mark.parametrize("algo", ["etpo"])
+def test_two_ranks_train_as_one_process(tmp_path: Path, model_dir: str, algo: str) -> None:
+    one = fit(tmp_path / "one", model_dir, "--algo", algo, "--devices", "1")
+    ranks = fit(tmp_path / "two", model_dir, "--algo", algo, "--devices", "2")
+    assert len(one) == 1 and [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["dtensor"] for r in ranks) and not one[0]["dtensor"]
+    networks = {"etpo": {"policy", "critic", "target_critic", "reference"}}[algo]
+    assert_same_training(one[0], ranks, networks)
+    # Training moved the trained networks and the Polyak target, not the reference: the
+    # comparison is not between two copies of the initial weights.
+    initial = fit(tmp_path / "zero", model_dir, "--algo", algo, "--devices", "1", "--steps", "0")[0]["weights"]
+    for name in networks:
+        moved = any(not torch.equal(v, initial[name][k]) for k, v in one[0]["weights"][name].items())
+        assert moved == (name != "reference"), name
+    # The gradient clipping compared (a norm all-reduced over the shards) was active.
+    unclipped = fit(tmp_path / "unclipped", model_dir, "--algo", algo, "--devices", "1", "--clip", "0")[0]
+    assert not torch.allclose(unclipped["weights"]["policy"]["lm_head.weight"], one[0]["weights"]["policy"]["lm_head.weight"])
+
+    # Each rank holds about half the parameter bytes, counted from its local shards.
+    full = one[0]["full_bytes"]
+    assert ranks[0]["full_bytes"] == full
+    assert sum(r["local_bytes"] for r in ranks) == full
+    for r in ranks:
+        assert abs(r["local_bytes"] - full / 2) / full < 0.01, (r["local_bytes"], full)
