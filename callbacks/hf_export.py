@@ -36,12 +36,22 @@ class HFExport(pl.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "hf"
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str) -> Path | None:
-        """Save the policy and tokenizer to ``<root>/<name>``; returns the folder (rank 0 only)."""
+        """Save the policy and tokenizer to ``<root>/<name>``; returns the folder (rank 0 only).
+
+        Call it on every rank: sharded weights (FSDP2) are gathered first, a collective, and
+        rank 0 writes the full policy."""
+        state = None
+        lockstep = getattr(pl_module, "lockstep_forwards", None)
+        if lockstep is not None and lockstep():
+            state = pl_module.inference_state_dict()
         if not trainer.is_global_zero:
             return None
         out = self._root(trainer) / name
         out.mkdir(parents=True, exist_ok=True)
-        pl_module.policy.save_pretrained(out)
+        if state is not None:
+            pl_module.policy.save_pretrained(out, state_dict=state)
+        else:
+            pl_module.policy.save_pretrained(out)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)

@@ -22,7 +22,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from etpo_lightning.core.batch import Transition, TransitionBatch
 from etpo_lightning.core.fsdp2 import full_tensor, local_shard
@@ -63,22 +63,51 @@ def build(algo: str, model: str, clip: float) -> pl.LightningModule:
         return ETPOModule(**common, critic_lr=1e-3, beta=0.1, gamma=0.9, tau=0.1, lam=0.5, traces=True,
                           critic_head_init=os.environ.get("HEAD", "dueling"))
     if algo == "ppo":
-        return PPOModule(**common, critic_lr=1e-3, beta=0.1, normalize_advantages=False)
+        return PPOModule(**common, critic_lr=1e-3, beta_kl=0.1, normalize_advantages=False)
     return GRPOModule(**common, beta=0.1)
+
+
+class OneBatchPerEpoch(IterableDataset):
+    """One batch per epoch: batch n after n training batches, chosen when the epoch starts
+    iterating (after a checkpoint is restored), so a checkpoint at an epoch's end resumes at
+    the next batch, as a continuous run goes on."""
+
+    def __init__(self, batches: list[TransitionBatch], steps_per_batch: int) -> None:
+        self.batches = batches
+        self.steps_per_batch = steps_per_batch
+        self.trainer: pl.Trainer | None = None
+
+    def __iter__(self):
+        yield self.batches[self.trainer.global_step // self.steps_per_batch]
 
 
 class Record(pl.Callback):
     def __init__(self) -> None:
         self.losses: list[dict[str, float]] = []
         self.times: list[float] = []
+        self.batch_steps: list[int] = []
+        self.start: dict = {}
+        self.start_step = 0
         self._t0 = 0.0
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Gathered on every rank (a collective): what a resumed run starts from.
+        self.start = gathered_weights(pl_module)
+        self.start_step = trainer.global_step
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batch_steps.append(trainer.global_step)
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.times.append(time.perf_counter() - self._t0)
         self.losses.append({k: float(v) for k, v in trainer.callback_metrics.items() if k in LOSS_KEYS or os.environ.get("ALLKEYS")})
+
+
+def gathered_weights(module: pl.LightningModule) -> dict[str, dict[str, torch.Tensor]]:
+    """Every network's state dict, DTensors gathered (a collective), on the CPU."""
+    return {name: {k: full_tensor(v).detach().cpu().clone() for k, v in net.state_dict().items()}
+            for name, net in module.sharded_networks().items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=4, help="global batch size")
     parser.add_argument("--clip", type=float, default=0.05, help="gradient_clip_val (small: clipping bites)")
     parser.add_argument("--ckpt", default=None, help="resume from this checkpoint")
-    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N batches (0: none)")
+    parser.add_argument("--save", action="store_true", help="a (sharded) checkpoint after every batch")
+    parser.add_argument("--export", action="store_true", help="HFExport of the policy at the end (out_dir/hf)")
     parser.add_argument("--precision", default="32-true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # two ranks on a two-core machine
@@ -110,10 +140,12 @@ def main(argv: list[str] | None = None) -> None:
         strategy = FSDP2Strategy() if args.strategy == "fsdp2" else ModelParallelStrategy()
     record = Record()
     callbacks: list[pl.Callback] = [record]
-    steps_per_batch = 1 if args.algo == "grpo" else 2
-    if args.save_every:
-        callbacks.append(ModelCheckpoint(dirpath=args.out_dir / "ckpt", save_last=True, save_top_k=0,
-                                         every_n_train_steps=args.save_every * steps_per_batch))
+    if args.save:
+        callbacks.append(ModelCheckpoint(dirpath=args.out_dir / "ckpt", filename="{epoch}", save_top_k=-1))
+    if args.export:
+        from etpo_lightning.callbacks import HFExport
+
+        callbacks.append(HFExport(dirpath=str(args.out_dir / "hf"), export_best=False))
     trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
                          precision=args.precision, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=args.out_dir, callbacks=callbacks,
@@ -121,13 +153,14 @@ def main(argv: list[str] | None = None) -> None:
     rank, world = trainer.global_rank, trainer.world_size
     per_rank = args.batch // world
     batches = []
-    for step in range(args.steps):
+    for step in range(max(args.steps, 1)):  # max_steps=0 still draws a batch
         rows = global_batch(step, vocab, args.batch, args.algo == "grpo")[rank * per_rank:(rank + 1) * per_rank]
         batches.append(TransitionBatch.collate(rows, pad_token_id=0))
-    loader = DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
+    data = OneBatchPerEpoch(batches, 1 if args.algo == "grpo" else 2)
+    data.trainer = trainer
+    loader = DataLoader(data, batch_size=None, collate_fn=lambda b: b)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=args.ckpt, weights_only=False)
 
-    nets = module.sharded_networks()
     local_bytes = sum(local_shard(p).numel() * local_shard(p).element_size() for p in module.parameters())
     full_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     torch.save({
@@ -139,8 +172,10 @@ def main(argv: list[str] | None = None) -> None:
         "dtensor": all(type(p).__name__ == "DTensor" for p in module.parameters()),
         "local_bytes": local_bytes,
         "full_bytes": full_bytes,
-        "weights": {name: {k: full_tensor(v).detach().cpu().clone() for k, v in net.state_dict().items()}
-                    for name, net in nets.items()},
+        "weights": gathered_weights(module),
+        "start": record.start,
+        "start_step": record.start_step,
+        "batch_steps": record.batch_steps,
         "kl_coef": float(module.kl_coef),
     }, args.out_dir / f"rank{rank}.pt")
 

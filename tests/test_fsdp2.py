@@ -46,14 +46,21 @@ def assert_same_training(one: dict, ranks: list[dict], networks: set[str]) -> No
                 torch.testing.assert_close(r["weights"][name][key], value, atol=1e-5, rtol=1e-5, msg=f"{name}.{key}")
 
 
-@pytest.mark.parametrize("algo", ["etpo"])
+NETWORKS = {"etpo": {"policy", "critic", "target_critic", "reference"}, "ppo": {"policy", "critic", "reference"},
+            "grpo": {"policy", "reference"}}
+
+
+@pytest.mark.parametrize("algo", ["etpo", "ppo", "grpo"])
 def test_two_ranks_train_as_one_process(tmp_path: Path, model_dir: str, algo: str) -> None:
+    """ETPO(lambda) with Retrace traces and the dueling critic, PPO, GRPO: 3 batches of 4."""
     one = fit(tmp_path / "one", model_dir, "--algo", algo, "--devices", "1")
     ranks = fit(tmp_path / "two", model_dir, "--algo", algo, "--devices", "2")
     assert len(one) == 1 and [r["rank"] for r in ranks] == [0, 1]
     assert all(r["dtensor"] for r in ranks) and not one[0]["dtensor"]
-    networks = {"etpo": {"policy", "critic", "target_critic", "reference"}}[algo]
+    networks = NETWORKS[algo]
     assert_same_training(one[0], ranks, networks)
+    if algo != "etpo":
+        return
     # Training moved the trained networks and the Polyak target, not the reference: the
     # comparison is not between two copies of the initial weights.
     initial = fit(tmp_path / "zero", model_dir, "--algo", algo, "--devices", "1", "--steps", "0")[0]["weights"]
@@ -70,3 +77,28 @@ def test_two_ranks_train_as_one_process(tmp_path: Path, model_dir: str, algo: st
     assert sum(r["local_bytes"] for r in ranks) == full
     for r in ranks:
         assert abs(r["local_bytes"] - full / 2) / full < 0.01, (r["local_bytes"], full)
+
+
+def test_sharded_checkpoint_resumes_exactly_and_the_hf_export_loads(tmp_path: Path, model_dir: str) -> None:
+    """A 2-rank ETPO run checkpoints after every batch (one shard file per rank) and exports the
+    policy at the end; a run resumed from the checkpoint after batch 2 ends where the continuous
+    run ended, bit for bit; ``from_pretrained`` of the export gives the gathered policy."""
+    from transformers import AutoModelForCausalLM
+
+    continuous = fit(tmp_path / "a", model_dir, "--devices", "2", "--save", "--export")
+    ckpt = tmp_path / "a" / "ckpt" / "epoch=1.ckpt"
+    assert ckpt.is_dir() and sorted(p.name for p in ckpt.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    resumed = fit(tmp_path / "b", model_dir, "--devices", "2", "--ckpt", str(ckpt))
+    for a, b in zip(continuous, resumed):
+        assert b["start_step"] == 4 and b["batch_steps"] == [4]  # 2 batches x 2 optimizer steps, then batch 3
+        assert b["losses"] == a["losses"][-1:]
+        for name in NETWORKS["etpo"]:
+            assert a["weights"][name].keys() == b["weights"][name].keys()
+            for key, value in a["weights"][name].items():
+                assert torch.equal(b["weights"][name][key], value), f"{name}.{key}"
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "hf" / "hf-last").state_dict()
+    policy = continuous[0]["weights"]["policy"]
+    assert exported.keys() == policy.keys()
+    for key, value in policy.items():
+        assert torch.equal(exported[key], value), key
