@@ -102,3 +102,62 @@ def test_sharded_checkpoint_resumes_exactly_and_the_hf_export_loads(tmp_path: Pa
     assert exported.keys() == policy.keys()
     for key, value in policy.items():
         assert torch.equal(exported[key], value), key
+
+
+def test_fsdp2_cpu_config_trains_resumes_and_exports_through_the_cli(tmp_path: Path) -> None:
+    """``etpo fit --config configs/fsdp2_cpu.yaml`` on two ranks (rollouts: generation with the
+    gathered policy, bootstraps, the KL monitor), on a tiny saved model and the keyword task
+    instead of the tiny coder and the sandbox: 2 batches with a sharded checkpoint, then
+    ``--ckpt_path`` to a third batch, and the Hugging Face export loads."""
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from etpo_lightning.envs.toy import DEFAULT_WORDS
+    from helpers import word_tokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "bench"))
+    from derive_config import derive_config
+
+    assets = tmp_path / "assets"
+    tokenizer = word_tokenizer(DEFAULT_WORDS)
+    tokenizer.save_pretrained(assets)
+    model = tiny_llama(len(tokenizer), seed=1)
+    model.config.eos_token_id, model.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model.save_pretrained(assets)
+    out = tmp_path / "run"
+    config = derive_config(root / "configs" / "fsdp2_cpu.yaml", out, max_steps=2, model=str(assets), overrides={
+        "data.env": {"class_path": "etpo_lightning.envs.KeywordEnv", "init_args": {"max_steps": 2}},
+        "data.num_envs": 2, "data.batch_size": 2, "data.max_new_tokens": 4,
+        "trainer.callbacks[ModelCheckpoint].init_args.every_n_train_steps": 2,
+        "trainer.callbacks[RolloutRefresh].init_args.every_n_steps": 1,
+    })
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def etpo_fit(*args: str) -> None:
+        proc = subprocess.run(["etpo", "fit", "--config", str(config), "--trainer.enable_progress_bar=false", *args],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    etpo_fit()
+    last = out / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in last.iterdir()}
+    etpo_fit("--trainer.max_steps=3", f"--ckpt_path={last}")
+    first, resumed = (pd.read_csv(out / "logs" / f"version_{v}" / "metrics.csv") for v in (0, 1))
+    assert first["train/q_loss"].notna().sum() == 2
+    # The resumed run trained one more batch, the third: its step and its datamodule's
+    # environment steps (4 per collection, two ranks) go on from the checkpoint's.
+    q = resumed[resumed["train/q_loss"].notna()]
+    assert len(q) == 1 and int(q["epoch"].iloc[0]) == 2
+    assert resumed["rollout/env_steps"].dropna().iloc[0] > first["rollout/env_steps"].dropna().max()
+
+    export = out / "checkpoints" / "hf-last"
+    loaded = AutoModelForCausalLM.from_pretrained(export)
+    assert AutoTokenizer.from_pretrained(export).vocab_size == tokenizer.vocab_size
+    initial = model.state_dict()
+    moved = [k for k, v in loaded.state_dict().items() if not torch.equal(v, initial[k])]
+    assert moved  # the trained policy, not the initial weights
