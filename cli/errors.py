@@ -185,3 +185,39 @@ def _get(config: dict, dotted: str) -> Any:
         if index:
             node = node[int(index.rstrip("]"))] if isinstance(node, list) else None
     return node
+
+
+# ------------------------------------------------------------ checkpoints
+# Values of ``ckpt_path`` that Lightning resolves itself (no file named by the user).
+_CKPT_KEYWORDS = {"last", "best", "hpc", "registry"}
+
+
+def check_checkpoint_path(ckpt_path: Any) -> None:
+    """Raise :class:`SettingError` (``ckpt_path=...: <what is wrong>``) unless ``ckpt_path`` is
+    unset, one of Lightning's keywords, or a checkpoint that can be opened: a
+    ``torch.save`` file (a zip archive with its pickle: a truncated file has lost its
+    directory at the end) or a sharded checkpoint directory (``meta.pt`` and the
+    ``.metadata`` of ``torch.distributed.checkpoint``). Only the structure is read, not
+    every tensor: a flipped bit inside a tensor is not detected here."""
+    import zipfile
+
+    if ckpt_path is None or str(ckpt_path) in _CKPT_KEYWORDS or str(ckpt_path).startswith("registry:"):
+        return
+    path = Path(str(ckpt_path))
+    setting = f"ckpt_path={str(ckpt_path)!r}"
+    if not path.exists():
+        raise SettingError(f"{setting}: no such file or directory ({path.resolve()})")
+    if path.is_dir():
+        missing = [name for name in ("meta.pt", ".metadata") if not (path / name).is_file()]
+        if missing:
+            raise SettingError(f"{setting}: a directory but not a sharded checkpoint (no {' or '.join(missing)} in it)")
+        path = path / "meta.pt"
+        setting = f"ckpt_path={str(ckpt_path)!r} (its meta.pt)"
+    if path.stat().st_size == 0:
+        raise SettingError(f"{setting}: the file is empty")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(name.endswith("/data.pkl") or name == "data.pkl" for name in archive.namelist()):
+                raise SettingError(f"{setting}: not a PyTorch checkpoint (a zip archive without data.pkl)")
+    except (zipfile.BadZipFile, OSError) as err:
+        raise SettingError(f"{setting}: not a readable checkpoint, truncated or corrupt ({first_line(str(err))})") from err

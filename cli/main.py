@@ -35,6 +35,7 @@ from etpo_lightning.cli.errors import (
     EXIT_STATUS,
     HINT,
     SettingError,
+    check_checkpoint_path,
     condense_parser_error,
     debug_requested,
     describe_construction_error,
@@ -105,6 +106,13 @@ class ETPOCLI(LightningCLI):
             if not self.friendly_errors:
                 raise
             raise SettingError(condense_parser_error(str(err))) from err
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters right after parsing; a missing
+        # or broken checkpoint is a bad setting, said before that read fails with a traceback.
+        if self.config.get("subcommand"):
+            check_checkpoint_path(self.config[self.config.subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
 
     def _set_seed(self) -> None:
         if not self.friendly_errors:
