@@ -453,7 +453,27 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
             pass
         check_polyak_pairs_sharded_alike(self.polyak_pairs())
 
+    @staticmethod
+    def keep_batches_float32(plugin: Any) -> None:
+        """Stop ``bf16-true`` / ``16-true`` from casting training batches to half precision.
+
+        Lightning's ``convert_input`` casts every floating tensor of a batch, meant for model
+        inputs; a ``TransitionBatch`` holds rewards, behaviour log-probabilities and
+        bootstraps, which would lose all but 8 bits of mantissa before any loss is computed
+        (a reward of -0.523 becomes -0.5229). Its token ids and masks are not floating point:
+        nothing the networks take needs the cast."""
+        convert = plugin.convert_input
+        if getattr(convert, "keeps_transition_batches", False):
+            return
+
+        def convert_input(data: Any) -> Any:
+            return data if isinstance(data, TransitionBatch) else convert(data)
+
+        convert_input.keeps_transition_batches = True
+        plugin.convert_input = convert_input
+
     def on_fit_start(self) -> None:
+        self.keep_batches_float32(self.trainer.precision_plugin)
         if is_fsdp_strategy(self.trainer.strategy):
             self._setup_fsdp()
         elif is_fsdp2_strategy(self.trainer.strategy):

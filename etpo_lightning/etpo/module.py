@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from etpo_lightning.core.base_module import TokenRLModule, frozen
+from etpo_lightning.core.fsdp2 import local_shard
 from etpo_lightning.core.batch import TransitionBatch
 from etpo_lightning.core.lr_schedule import LRSchedule
 from etpo_lightning.core.models import share_weights
@@ -220,10 +221,37 @@ class ETPOModule(TokenRLModule):
 
     @torch.no_grad()
     def update_target_critic(self) -> None:
-        """Polyak step: target <- target + tau * (critic - target), parameter by parameter."""
+        """Polyak step: target <- target + tau * (critic - target), parameter by parameter.
+
+        Always in float32. With bf16 weights (``bf16-true``) a step of tau = 0.005 times the
+        gap is below half a bf16 ulp of the target unless the gap exceeds ~1.6x the weight
+        itself, so a bf16 target would not move at all. The float32 average is then kept
+        beside it (``_target_master``: this rank's shards under FSDP2) and the target gets it
+        rounded. The average is saved in single-process checkpoints; a sharded resume
+        restarts it from the (rounded) target."""
         tau = self.hparams.tau
-        for target, online in zip(self.target_critic.parameters(), self.critic.parameters(), strict=True):
-            target.lerp_(online.detach().to(target.dtype), tau)
+        pairs = list(zip(self.target_critic.parameters(), self.critic.parameters(), strict=True))
+        if all(target.dtype == torch.float32 for target, _ in pairs):
+            for target, online in pairs:
+                target.lerp_(online.detach().to(target.dtype), tau)
+            return
+        master = self.__dict__.get("_target_master")
+        if master is None or len(master) != len(pairs):
+            master = self._target_master = [local_shard(t).detach().float().clone() for t, _ in pairs]
+        for average, (target, online) in zip(master, pairs):
+            average.lerp_(local_shard(online).detach().float(), tau)
+            local_shard(target).copy_(average)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        master = self.__dict__.get("_target_master")
+        if master is not None and not self.lockstep_forwards():
+            checkpoint["target_master"] = [t.clone() for t in master]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if checkpoint.get("target_master") is not None:
+            self._target_master = [t.clone() for t in checkpoint["target_master"]]
 
     def after_optimizer_steps(self) -> None:
         self.update_target_critic()
