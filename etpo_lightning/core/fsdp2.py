@@ -103,7 +103,8 @@ def decoder_layers(net: nn.Module) -> list[nn.Module]:
     names: set[str] = set()
     for m in net.modules():
         names.update(getattr(m, "_no_split_modules", None) or ())
-    return [m for m in net.modules() if type(m).__name__ in names]
+    # The MRO: fully_shard swaps a unit's class for an FSDP subclass of it.
+    return [m for m in net.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
 
 
 def fully_shard_network(net: nn.Module, mesh: Any, mp_policy: Any = None, reshard_after_forward: bool = True) -> None:
