@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save", action="store_true", help="a (sharded) checkpoint after every batch")
     parser.add_argument("--export", action="store_true", help="HFExport of the policy at the end (out_dir/hf)")
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--accelerator", default="cpu", help="cpu (gloo) or gpu (NCCL)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # two ranks on a two-core machine
 
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         from etpo_lightning.callbacks import HFExport
 
         callbacks.append(HFExport(dirpath=str(args.out_dir / "hf"), export_best=False))
-    trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
+    trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, strategy=strategy, max_steps=args.steps,
                          precision=args.precision, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=args.out_dir, callbacks=callbacks,
                          num_sanity_val_steps=0, use_distributed_sampler=False)  # each rank its own rows
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         "local_bytes": local_bytes,
         "full_bytes": full_bytes,
         "weights": gathered_weights(module),
+        "device": str(module.device),
         "start": record.start,
         "start_step": record.start_step,
         "batch_steps": record.batch_steps,
