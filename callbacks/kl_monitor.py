@@ -14,7 +14,7 @@ from torchmetrics.text import Perplexity
 
 from etpo_lightning.core.batch import TransitionBatch
 from etpo_lightning.core.rank_stats import Reduce, reduce_across_ranks
-from etpo_lightning.etpo.losses import kl_and_entropy
+from etpo_lightning.core.functional import kl_and_entropy
 
 
 def read_heldout(path: str | Path) -> list[str]:
