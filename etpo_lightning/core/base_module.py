@@ -39,6 +39,7 @@ from etpo_lightning.core.distributed import (
     summon_own_params,
 )
 from etpo_lightning.core.forwards import TokenForwards
+from etpo_lightning.core.lora import LoRAConfig, SharedLoRA, lora_networks, refuse_injected_networks
 from etpo_lightning.core.lr_schedule import LRSchedule, check_schedule, lr_factor
 from etpo_lightning.core.models import empty_causal_lm, load_causal_lm, share_weights
 from etpo_lightning.core.networks import LazyNetworks
@@ -88,6 +89,12 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
     sharded_loading = True
     # Shown in the progress bar; everything else goes to the loggers only.
     progress_bar_metrics = ("train/kl", "rollout/reward_mean")
+    # Under ``lora``: the critic's adapter and those of its Polyak copies, each wrapped by
+    # ``lora_critic`` (empty: no critic); whether the critic's outputs come from the LM head
+    # (then ``LoRAConfig.critic_lm_head`` adapts the LM head for the critic too).
+    lora_critic_adapters: tuple[str, ...] = ("critic",)
+    lora_critic_reads_lm_head = False
+    model_attributes = (*LazyNetworks.model_attributes, "shared_lora")
 
     def __init__(
         self,
@@ -103,9 +110,14 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         reference: nn.Module | None,
         lr_schedule: LRSchedule = "constant",
         min_lr_ratio: float = 0.0,
+        lora: LoRAConfig | None = None,
     ) -> None:
         super().__init__()
         check_schedule(lr_schedule, min_lr_ratio)
+        # None: full copies of the model; else one frozen base and LoRA adapters (core/lora.py).
+        self.lora_config = LoRAConfig.coerce(lora)
+        if self.lora_config is not None:
+            refuse_injected_networks(critic, reference)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got chunk_size={chunk_size}")
         for name, lr in (("policy_lr", policy_lr), ("critic_lr", critic_lr)):
@@ -116,6 +128,8 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         self.defer_networks(policy, critic, reference)
         # Collects the arguments of the whole __init__ chain (the subclass's too).
         self.save_hyperparameters(ignore=["policy", "critic", "reference"])
+        if "lora" in self.hparams:  # plain types: checkpoints load with torch's weights_only=True
+            self.hparams["lora"] = self.lora_config.as_dict() if self.lora_config is not None else None
         self.automatic_optimization = False
         self.nonfinite_steps = 0
         # The KL coefficient the losses use, from the hparam ``kl_coef_hparam``; KLMonitor may
@@ -144,12 +158,21 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         """The critic when none is injected (subclasses decide; None: the method has no critic)."""
         raise NotImplementedError
 
+    def lora_critic(self, shared: SharedLoRA, adapter: str) -> nn.Module:
+        """The critic under ``lora``, on the base with ``adapter`` active (``core.lora.AdapterView``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support lora (no LoRA critic)")
+
     def build_reference(self, policy: nn.Module) -> nn.Module:
         """The reference rho when none is injected: a copy of the initial policy."""
         return copy.deepcopy(policy)
 
     def attach_models(self, policy: nn.Module, critic: nn.Module | None, reference: nn.Module | None) -> None:
-        """Set the networks (subclasses add theirs, e.g. a target critic, after calling this)."""
+        """Set the networks (subclasses add theirs, e.g. a target critic, after calling this).
+        Under ``lora``, all of them are adapter views on ``policy``, the base (``lora_networks``)."""
+        if self.lora_config is not None:
+            for name, network in lora_networks(self, policy, critic, reference).items():
+                setattr(self, name, network)
+            return
         self.policy = policy.train()  # from_pretrained returns eval-mode models
         self.reference = frozen(reference if reference is not None else self.build_reference(policy))
         critic = critic if critic is not None else self.build_critic(policy)
@@ -162,7 +185,8 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         strategy's init context. The policy is loaded, the other networks are copies: four
         on every rank, as DDP needs; under FSDP, built on meta with one load on rank 0
         (``sharded_loading``, ``core.distributed.build_sharded_models``)."""
-        if not self.models_built and self.sharded_loading and self.under_fsdp():
+        # One frozen base under LoRA: nothing is copied, so it loads as usual.
+        if not self.models_built and self.sharded_loading and self.lora_config is None and self.under_fsdp():
             build_sharded_models(self)
         self.build_models()
 
@@ -293,6 +317,18 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         if self.critic is not None:
             optimizers.append(optimizer_cls(trainable(self.critic), lr=self.hparams.critic_lr, weight_decay=decay))
         return optimizers
+
+    # ------------------------------------------------------------- rollouts
+    def sampling_network(self) -> nn.Module:
+        """The network ``generate`` runs on: the policy (its adapter view under LoRA)."""
+        return self.policy
+
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        """The policy's weights under Hugging Face names on the CPU, as an inference engine
+        loads them (under LoRA: the base with the policy adapter merged)."""
+        if self.lora_config is not None:
+            return self.shared_lora.merged_state_dict("policy")
+        return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
 
     # --------------------------------------------------------------- FSDP hooks
     def generation_kwargs(self) -> dict[str, Any]:
