@@ -357,3 +357,61 @@ def test_target_modules_choose_the_adapted_layers() -> None:
     critic_adapted = {name.rsplit(".", 1)[-1] for name, m in module.shared_lora.base_model().named_modules()
                       if hasattr(m, "lora_A") and "critic" in m.lora_A}
     assert critic_adapted == {"q_proj"}
+
+
+# ------------------------------------------------------------ deprecated aliases
+def test_deprecated_etpo_alias_warns_and_maps_its_arguments() -> None:
+    from etpo_lightning import LoRAETPOModule
+
+    with pytest.warns(DeprecationWarning, match=r"ETPOModule\(lora=LoRAConfig"):
+        old = LoRAETPOModule(policy=tiny_llama(VOCAB, seed=0), beta=0.1, lora_r=4, lora_alpha=8, lora_dropout=0.05,
+                             target_modules=["q_proj", "v_proj"], critic_lm_head=False)
+    config = LoRAConfig(r=4, alpha=8, dropout=0.05, target_modules=["q_proj", "v_proj"], critic_lm_head=False)
+    assert isinstance(old, ETPOModule) and old.lora_config == config and old.hparams.lora == config.as_dict()
+    assert old.hparams.policy_lr == old.hparams.critic_lr == 1e-4  # the alias's LoRA defaults
+    assert old.base_model() is old.shared_lora.base_model()
+    # The same networks as the new argument's, under the same names: checkpoints load into either.
+    new = ETPOModule(policy=tiny_llama(VOCAB, seed=0), beta=0.1, lora=config)
+    a, b = old.state_dict(), new.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="lora_r must be >= 1"):
+        LoRAETPOModule(policy=tiny_llama(VOCAB), lora_r=0)
+    # Loading an alias's checkpoint passes both the old arguments and ``lora``: ``lora`` wins.
+    again = LoRAETPOModule(policy=tiny_llama(VOCAB, seed=0), lora_r=8, **{"lora": config.as_dict()})
+    assert again.lora_config == config
+
+
+def test_deprecated_grpo_alias_warns_and_maps_its_arguments() -> None:
+    from etpo_lightning import LoRAGRPOModule
+    from etpo_lightning.grpo import LoRAGRPOModule as same
+
+    assert same is LoRAGRPOModule
+    with pytest.warns(DeprecationWarning, match=r"GRPOModule\(lora=LoRAConfig"):
+        old = LoRAGRPOModule(policy=tiny_llama(VOCAB, seed=0), beta=0.2, lora_r=4, lora_alpha=16)
+    assert isinstance(old, GRPOModule) and old.lora_config == LoRAConfig(r=4, alpha=16)
+    assert old.hparams.policy_lr == 1e-4 and old.critic is None
+    new = make("grpo", tiny_llama(VOCAB, seed=0))
+    a, b = old.state_dict(), new.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="lora_r must be >= 1"):
+        LoRAGRPOModule(policy=tiny_llama(VOCAB), lora_r=0)
+
+
+@pytest.mark.parametrize("name, old_class", [("lora", "etpo_lightning.etpo.LoRAETPOModule"),
+                                             ("grpo_lora", "etpo_lightning.grpo.LoRAGRPOModule")])
+def test_an_old_style_config_still_parses(name: str, old_class: str, tmp_path: Path) -> None:
+    """YAML written for the aliases (``lora_r``, ``lora_alpha``... at the top of init_args)."""
+    import yaml
+
+    from test_cli import CONFIGS, _print_config
+
+    config = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    args = config["model"]["init_args"]
+    lora = args.pop("lora")
+    args.update(lora_r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"])
+    config["model"]["class_path"] = old_class
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(config))
+    printed = yaml.safe_load(_print_config(["fit", "--config", str(path), "--print_config"]))
+    assert printed["model"]["class_path"] == old_class
+    assert printed["model"]["init_args"]["lora_r"] == 16 and printed["model"]["init_args"]["lora_alpha"] == 32
