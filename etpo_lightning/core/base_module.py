@@ -10,6 +10,9 @@ has none: ``build_critic`` returns None and only the policy's optimizer exists),
 and the value of an observation used to bootstrap (``bootstrap_values``).
 Networks are built on first use or in ``configure_model``, never in ``__init__``; a
 checkpoint of injected networks asks for them again on loading (``core/networks.py``).
+With ``lora`` (a ``LoRAConfig``) they are adapters on one frozen base instead of copies,
+built in ``core/lora.py``; a subclass says only what its critic is on an adapter
+(``lora_critic``, ``lora_critic_adapters``).
 The forwards (``model_inputs``, ``outputs``, ``action_outputs``, ``prompt_outputs``,
 ``action_logprobs``) are inherited from ``TokenForwards`` (``core/forwards.py``).
 """

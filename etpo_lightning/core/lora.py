@@ -23,13 +23,10 @@ import copy
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from etpo_lightning.core.base_module import TokenRLModule
 
 
 @dataclass
@@ -264,7 +261,17 @@ class AdapterView(nn.Module):
         model.save_pretrained(path, **kwargs)
 
 
-def lora_networks(module: TokenRLModule, base: nn.Module, critic: nn.Module | None,
+class LoRAModule(Protocol):
+    """What ``lora_networks`` reads of a module (``TokenRLModule`` has it all)."""
+
+    lora_config: LoRAConfig
+    lora_critic_adapters: tuple[str, ...]
+    lora_critic_reads_lm_head: bool
+
+    def lora_critic(self, shared: SharedLoRA, adapter: str) -> nn.Module: ...
+
+
+def lora_networks(module: LoRAModule, base: nn.Module, critic: nn.Module | None,
                   reference: nn.Module | None) -> dict[str, nn.Module | None]:
     """The networks of ``module`` under ``module.lora_config``, by attribute name: the shared
     peft model (``shared_lora``), the policy and reference views, and the critic (and its
