@@ -319,6 +319,9 @@ def test_resume_with_rollouts_is_exact(algo: str, tmp_path: Path, tokenizer) -> 
 
 # ------------------------------------------------------------ settings and errors
 def test_lora_config_validates_and_round_trips_through_a_checkpoint_dict() -> None:
+    import etpo_lightning
+
+    assert etpo_lightning.LoRAConfig is LoRAConfig
     config = LoRAConfig(r=2, alpha=4.0, dropout=0.1, target_modules=("q_proj", "v_proj"))
     assert config.target_modules == ["q_proj", "v_proj"]
     assert LoRAConfig.coerce(config.as_dict()) == config and LoRAConfig.coerce(None) is None
@@ -415,3 +418,37 @@ def test_an_old_style_config_still_parses(name: str, old_class: str, tmp_path: P
     printed = yaml.safe_load(_print_config(["fit", "--config", str(path), "--print_config"]))
     assert printed["model"]["class_path"] == old_class
     assert printed["model"]["init_args"]["lora_r"] == 16 and printed["model"]["init_args"]["lora_alpha"] == 32
+
+
+def test_cli_fit_and_resume_with_a_lora_block(tmp_path: Path, tokenizer) -> None:
+    """The YAML shape of the configs (``model.init_args.lora: {r: .., alpha: ..}``) through
+    ``etpo fit``, then ``etpo fit --ckpt_path last.ckpt`` (hyperparameters saved as plain types)."""
+    from helpers import fit_then_resume_through_cli
+
+    model_dir = tmp_path / "model"
+    tokenizer.save_pretrained(model_dir)
+    dropout_llama(len(tokenizer)).save_pretrained(model_dir)
+    config = {
+        "seed_everything": 0,
+        "model": {"class_path": "etpo_lightning.ppo.PPOModule",
+                  "init_args": {"model_name_or_path": str(model_dir), "policy_lr": 1e-2, "critic_lr": 1e-2,
+                                "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}},
+        "data": {"env": {"class_path": "etpo_lightning.envs.KeywordEnv",
+                         "init_args": {"words": ["apple"], "max_steps": 1}},
+                 "num_envs": 2, "rollout_steps": 1, "batch_size": 2, "batches_per_epoch": 1, "max_new_tokens": 4},
+        "trainer": {"accelerator": "cpu", "max_steps": 1, "logger": False, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path / "run"),
+                    "callbacks": [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}]},
+    }
+    cli = fit_then_resume_through_cli(config, tmp_path, max_steps=2)
+    module = cli.model
+    assert module.trainer.global_step == 4  # 2 batches x 2 optimizer steps: it continued from 1
+    assert module.lora_config == LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    # Plain types, which torch.load(weights_only=True) accepts.
+    assert type(saved["hyper_parameters"]["lora"]) is dict
+    assert saved["hyper_parameters"]["lora"]["target_modules"] == ["q_proj", "v_proj"]
+    adapted = {name.rsplit(".", 1)[-1] for name, m in module.shared_lora.base_model().named_modules()
+               if hasattr(m, "lora_A")}
+    assert adapted == {"q_proj", "v_proj"}
