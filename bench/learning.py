@@ -72,7 +72,7 @@ def check_reusable(root: Path, config: dict, extra: list[str], run_info: dict) -
     Compares the effective configs: the derived file with the ``--dotted.key=value`` CLI
     arguments applied, so a value given on the command line then and in the config now (a
     new default) still matches. Runs whose ``run_info.json`` did not record their CLI
-    arguments (before December 2026) are compared on the derived file alone.
+    arguments (older runs) are compared on the derived file alone.
     """
     saved = yaml.safe_load((root / "config.yaml").read_text())
     if "extra" in run_info:
