@@ -11,9 +11,9 @@ sampled programs (failures count -1), success rate and best AUC, the KL to the r
 and the held-out perplexity at the end of training (KLMonitor), and the wall time.
 Writes `bench/results/<stem>.{json,md,png}` (the numbers, the table, reward curves of every
 seed; the stem is `learning` for the label ETPO, `learning_<label>` otherwise). Other
-modules (e.g. PPO) plug in with `--config`, ablations with `--set DOTTED=VALUE` (any key of the derived config, one callback by class:
-`--set "trainer.callbacks[KLMonitor].init_args.target_kl=0.15"`) or plain CLI arguments after
-`--`. `--train-only --reuse` is how bench/learning_all.sh trains before one evaluation of
+modules (e.g. PPO) plug in with `--config`, ablations with `--set DOTTED=VALUE` (any key of
+the derived config, one callback by class: `--set
+"trainer.callbacks[KLMonitor].init_args.target_kl=0.15"`) or plain CLI arguments after `--`. `--train-only --reuse` is how bench/learning_all.sh trains before one evaluation of
 every model (bench/learning_compare.py).
 """
 
