@@ -418,8 +418,8 @@ class RolloutDataModule(TokenCodec, pl.LightningDataModule):
 
 
 def _upgrade(fields: dict[str, Any]) -> dict[str, Any]:
-    """A stored transition from a checkpoint before terminal and truncated were separate
-    (one ``done`` field, which then meant either) loads as terminated, as it trained then."""
+    """A stored transition with one ``done`` field (checkpoints that do not separate terminal
+    from truncated, where ``done`` meant either) loads as terminated, as it was trained."""
     fields = dict(fields)
     if "done" in fields:
         fields["terminated"] = fields.pop("done")
