@@ -46,7 +46,6 @@ from etpo_lightning.core.lora import LoRAConfig, SharedLoRA, lora_networks, refu
 from etpo_lightning.core.lr_schedule import LRSchedule, check_schedule, lr_factor
 from etpo_lightning.core.models import empty_causal_lm, load_causal_lm, share_weights
 from etpo_lightning.core.networks import LazyNetworks
-from etpo_lightning.core.rank_stats import Reduce, reduce_across_ranks
 from etpo_lightning.core.state import gather_rng_states, restore_rng_states
 
 
@@ -91,7 +90,7 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
     # Under FSDP, build on the meta device and load once on rank 0 (``configure_model``).
     sharded_loading = True
     # Shown in the progress bar; everything else goes to the loggers only.
-    progress_bar_metrics = ("train/kl", "rollout/reward_mean")
+    progress_bar_metrics = ("train/kl",)
     # Under ``lora``: the critic's adapter and those of its Polyak copies, each wrapped by
     # ``lora_critic`` (empty: no critic); whether the critic's outputs come from the LM head
     # (then ``LoRAConfig.critic_lm_head`` adapts the LM head for the critic too).
@@ -293,15 +292,10 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         self.log("train/lr_factor", factor, batch_size=1)
 
     def log_training_metrics(self, out: dict[str, Tensor], batch: TransitionBatch) -> None:
-        """Log the step's losses and statistics as ``train/*`` and the batch's rollout stats.
-
-        ``train/*`` are this rank's (rank 0's in the loggers). The rollout statistics are
-        combined over all ranks first, each as it should be (``rank_stats``: weighted means,
-        max, min, summed counters), then logged as they are, identical on every rank."""
+        """Log the step's losses and statistics as ``train/*``: this rank's (rank 0's in the
+        loggers). The rollout's statistics are the datamodule's to log (``rollout/*``)."""
         metrics = {f"train/{k}": v.detach().float() for k, v in out.items()}
         metrics["train/reward"] = batch.rewards.float().mean()
-        how = {k: Reduce(*r) for k, r in (batch.rollout_reduce or {}).items()}
-        metrics.update(reduce_across_ranks(batch.rollout_stats or {}, how, self.device))
         for key, value in metrics.items():
             self.log(key, value, batch_size=len(batch), prog_bar=key in self.progress_bar_metrics)
 
@@ -321,19 +315,26 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
             optimizers.append(optimizer_cls(trainable(self.critic), lr=self.hparams.critic_lr, weight_decay=decay))
         return optimizers
 
-    # ------------------------------------------------------------- rollouts
+    # ------------------------------------------------- generation (core.generation.RolloutPolicy)
     def sampling_network(self) -> nn.Module:
-        """The network ``generate`` runs on: the policy (its adapter view under LoRA)."""
+        """The network a generation engine samples from: the policy (its adapter view under LoRA)."""
         return self.policy
 
+    def lockstep_forwards(self) -> bool:
+        """Whether every rank must make the same forward calls (sharded networks)."""
+        return self.under_fsdp()
+
+    @torch.no_grad()
     def inference_state_dict(self) -> dict[str, Tensor]:
-        """The policy's weights under Hugging Face names on the CPU, as an inference engine
-        loads them (under LoRA: the base with the policy adapter merged)."""
+        """The policy's weights under Hugging Face names, on the CPU, as an inference engine
+        loads them (``generation_context`` gathers what a sharded policy keeps sharded; under
+        LoRA: the base with the policy adapter merged, ``core.lora``)."""
         if self.lora_config is not None:
             return self.shared_lora.merged_state_dict("policy")
-        return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
+        policy = self.sampling_network()
+        with self.generation_context(policy):
+            return {k: v.detach().to("cpu", copy=True) for k, v in policy.state_dict().items()}
 
-    # --------------------------------------------------------------- FSDP hooks
     def generation_kwargs(self) -> dict[str, Any]:
         """Extra ``generate`` kwargs: under FSDP every rank must keep calling forward (each
         forward all-gathers shards) until the longest sequence on any rank is done."""

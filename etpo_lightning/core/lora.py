@@ -157,7 +157,7 @@ class SharedLoRA(nn.Module):
                 continue  # the adapters' own parameters: merged below or not part of this network
             if key in deltas:
                 tensor = tensor + deltas[key].to(tensor.dtype)
-            merged[key.replace(".base_layer.", ".")] = tensor.detach().cpu()
+            merged[key.replace(".base_layer.", ".")] = tensor.detach().to("cpu", copy=True)
         return merged
 
     def adapter_of(self, param_name: str) -> str | None:

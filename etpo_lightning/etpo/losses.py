@@ -1,6 +1,6 @@
-"""ETPO's mathematics as pure tensor functions: one equation of ``docs/algorithm.md`` each.
+"""ETPO's mathematics as pure tensor functions: one equation of ``docs/etpo.md`` each.
 
-``docs/algorithm.md`` (in this repository) derives them, states the consistency result that
+``docs/etpo.md`` (in this repository) derives them, states the consistency result that
 ``tests/test_consistency.py`` checks, explains ETPO(lambda) and lists where this differs from
 the authors' public code.
 
@@ -122,7 +122,7 @@ def soft_lambda_targets(
     where ``q_taken`` [B, L] is Qbar_j = Q_target(h_j, w^j) of the taken token, ``values``
     [B, L] is V(h_j) (``soft_values``) and ``log_ratio`` [B, L] is log pi(w^j|h_j) -
     log mu(w^j|h_j) against the behaviour policy that sampled w^j. The fixed point is the
-    one of docs/algorithm.md (section 5) for every lam in [0, 1]; ``lam = 0`` returns
+    one of docs/etpo.md (ETPO(lambda)) for every lam in [0, 1]; ``lam = 0`` returns
     ``soft_bellman_targets`` exactly.
     Padding gets 0; the result is detached.
     """
