@@ -102,6 +102,10 @@ def test_one_frozen_base_and_one_adapter_per_network(algo: str) -> None:
     n_base = sum(p.numel() for p in base.parameters())
     module = make(algo, base)
     assert isinstance(module.policy, AdapterView) and module.sampling_network() is module.policy
+    # Recorded as plain types (checkpoints, the loggers' hparams.yaml): no LoRAConfig object.
+    want_hparam = {"r": R, "alpha": ALPHA, "dropout": 0.0, "target_modules": None, "critic_lm_head": True}
+    assert type(module.hparams["lora"]) is dict and module.hparams["lora"] == want_hparam
+    assert type(module.hparams_initial["lora"]) is dict and module.hparams_initial["lora"] == want_hparam
     assert list(module.reference.parameters()) == []
     assert (module.critic is None) == (algo == "grpo")
     # The whole module stores one base: its unique parameters are the base plus the adapters

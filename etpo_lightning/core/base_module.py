@@ -130,8 +130,10 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         self.defer_networks(policy, critic, reference)
         # Collects the arguments of the whole __init__ chain (the subclass's too).
         self.save_hyperparameters(ignore=["policy", "critic", "reference"])
-        if "lora" in self.hparams:  # plain types: checkpoints load with torch's weights_only=True
-            self.hparams["lora"] = self.lora_config.as_dict() if self.lora_config is not None else None
+        # Plain types in checkpoints (torch.load's weights_only=True) and the loggers' hparams.yaml.
+        lora_hparam = self.lora_config.as_dict() if self.lora_config is not None else None
+        self.hparams["lora"] = lora_hparam
+        self._hparams_initial["lora"] = copy.deepcopy(lora_hparam)  # what loggers record
         self.automatic_optimization = False
         self.nonfinite_steps = 0
         # The KL coefficient the losses use, from the hparam ``kl_coef_hparam``; KLMonitor may
