@@ -10,6 +10,9 @@ has none: ``build_critic`` returns None and only the policy's optimizer exists),
 and the value of an observation used to bootstrap (``bootstrap_values``).
 Networks are built on first use or in ``configure_model``, never in ``__init__``; a
 checkpoint of injected networks asks for them again on loading (``core/networks.py``).
+With ``lora`` (a ``LoRAConfig``) they are adapters on one frozen base instead of copies,
+built in ``core/lora.py``; a subclass says only what its critic is on an adapter
+(``lora_critic``, ``lora_critic_adapters``).
 The forwards (``model_inputs``, ``outputs``, ``action_outputs``, ``prompt_outputs``,
 ``action_logprobs``) are inherited from ``TokenForwards`` (``core/forwards.py``).
 """
@@ -48,10 +51,10 @@ from etpo_lightning.core.fsdp2 import (
     unsharded,
 )
 from etpo_lightning.core.forwards import TokenForwards
+from etpo_lightning.core.lora import LoRAConfig, SharedLoRA, lora_networks, refuse_injected_networks
 from etpo_lightning.core.lr_schedule import LRSchedule, check_schedule, lr_factor
 from etpo_lightning.core.models import empty_causal_lm, load_causal_lm, match_dtypes, share_weights
 from etpo_lightning.core.networks import LazyNetworks
-from etpo_lightning.core.rank_stats import Reduce, reduce_across_ranks
 from etpo_lightning.core.state import gather_rng_states, restore_rng_states
 
 
@@ -96,7 +99,13 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
     # Under FSDP, build on the meta device and load once on rank 0 (``configure_model``).
     sharded_loading = True
     # Shown in the progress bar; everything else goes to the loggers only.
-    progress_bar_metrics = ("train/kl", "rollout/reward_mean")
+    progress_bar_metrics = ("train/kl",)
+    # Under ``lora``: the critic's adapter and those of its Polyak copies, each wrapped by
+    # ``lora_critic`` (empty: no critic); whether the critic's outputs come from the LM head
+    # (then ``LoRAConfig.critic_lm_head`` adapts the LM head for the critic too).
+    lora_critic_adapters: tuple[str, ...] = ("critic",)
+    lora_critic_reads_lm_head = False
+    model_attributes = (*LazyNetworks.model_attributes, "shared_lora")
 
     def __init__(
         self,
@@ -112,9 +121,14 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         reference: nn.Module | None,
         lr_schedule: LRSchedule = "constant",
         min_lr_ratio: float = 0.0,
+        lora: LoRAConfig | None = None,
     ) -> None:
         super().__init__()
         check_schedule(lr_schedule, min_lr_ratio)
+        # None: full copies of the model; else one frozen base and LoRA adapters (core/lora.py).
+        self.lora_config = LoRAConfig.coerce(lora)
+        if self.lora_config is not None:
+            refuse_injected_networks(critic, reference)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got chunk_size={chunk_size}")
         for name, lr in (("policy_lr", policy_lr), ("critic_lr", critic_lr)):
@@ -125,6 +139,10 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         self.defer_networks(policy, critic, reference)
         # Collects the arguments of the whole __init__ chain (the subclass's too).
         self.save_hyperparameters(ignore=["policy", "critic", "reference"])
+        # Plain types in checkpoints (torch.load's weights_only=True) and the loggers' hparams.yaml.
+        lora_hparam = self.lora_config.as_dict() if self.lora_config is not None else None
+        self.hparams["lora"] = lora_hparam
+        self._hparams_initial["lora"] = copy.deepcopy(lora_hparam)  # what loggers record
         self.automatic_optimization = False
         self.nonfinite_steps = 0
         # The KL coefficient the losses use, from the hparam ``kl_coef_hparam``; KLMonitor may
@@ -153,12 +171,21 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         """The critic when none is injected (subclasses decide; None: the method has no critic)."""
         raise NotImplementedError
 
+    def lora_critic(self, shared: SharedLoRA, adapter: str) -> nn.Module:
+        """The critic under ``lora``, on the base with ``adapter`` active (``core.lora.AdapterView``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support lora (no LoRA critic)")
+
     def build_reference(self, policy: nn.Module) -> nn.Module:
         """The reference rho when none is injected: a copy of the initial policy."""
         return copy.deepcopy(policy)
 
     def attach_models(self, policy: nn.Module, critic: nn.Module | None, reference: nn.Module | None) -> None:
-        """Set the networks (subclasses add theirs, e.g. a target critic, after calling this)."""
+        """Set the networks (subclasses add theirs, e.g. a target critic, after calling this).
+        Under ``lora``, all of them are adapter views on ``policy``, the base (``lora_networks``)."""
+        if self.lora_config is not None:
+            for name, network in lora_networks(self, policy, critic, reference).items():
+                setattr(self, name, network)
+            return
         self.policy = policy.train()  # from_pretrained returns eval-mode models
         self.reference = frozen(reference if reference is not None else self.build_reference(policy))
         critic = critic if critic is not None else self.build_critic(policy)
@@ -177,7 +204,7 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         fsdp1, fsdp2 = is_fsdp_strategy(strategy), is_fsdp2_strategy(strategy)
         on_meta = False
-        if not self.models_built and self.sharded_loading and (fsdp1 or fsdp2) and self.loads_own_policy():
+        if not self.models_built and (fsdp1 or fsdp2) and self.loads_own_policy():
             on_meta = self.build_on_meta()
             if fsdp1 and self.trainer.world_size > 1:
                 strategy.kwargs["sync_module_states"] = True  # rank 0's weights broadcast before sharding
@@ -201,14 +228,15 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         the trainer, the setup hook); building then would load every network in full on every
         rank. Under a sharded strategy with sharded loading the build waits for
         ``configure_model`` (``build_on_meta``)."""
-        return (self._trainer is not None and self.sharded_loading and self.under_fsdp()
-                and self.loads_own_policy())
+        return self._trainer is not None and self.under_fsdp() and self.loads_own_policy()
 
     def loads_own_policy(self) -> bool:
         """Whether the policy comes from ``model_name_or_path`` through this class's
         ``load_policy`` (not injected, no subclass loading of its own): only then can the
         networks be built on the meta device and loaded once."""
-        return ("policy" not in (self.__dict__.get("_injected_networks") or {})
+        # Under LoRA there is one frozen base and nothing is copied: it loads as usual.
+        return (self.sharded_loading and self.lora_config is None
+                and "policy" not in (self.__dict__.get("_injected_networks") or {})
                 and type(self).load_policy is TokenRLModule.load_policy)
 
     def build_on_meta(self) -> bool:
@@ -243,6 +271,11 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         """``fully_shard`` every network (each decoder layer a unit, the root the rest) over the
         data-parallel ranks, with the strategy's ``MixedPrecisionPolicy`` if it has one; networks
         built on meta get rank 0's weights (``load_full_states``). Idempotent."""
+        if self.lora_config is not None:
+            # The adapter views share one base module: sharding each view would shard the
+            # base once per network.
+            raise NotImplementedError("lora under FSDP2 (ModelParallelStrategy) is not supported yet: "
+                                      "train LoRA on one device or with DDP")
         nets = self.sharded_networks()
         if all(is_sharded(net) for net in nets.values()):
             return
@@ -358,15 +391,10 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         self.log("train/lr_factor", factor, batch_size=1)
 
     def log_training_metrics(self, out: dict[str, Tensor], batch: TransitionBatch) -> None:
-        """Log the step's losses and statistics as ``train/*`` and the batch's rollout stats.
-
-        ``train/*`` are this rank's (rank 0's in the loggers). The rollout statistics are
-        combined over all ranks first, each as it should be (``rank_stats``: weighted means,
-        max, min, summed counters), then logged as they are, identical on every rank."""
+        """Log the step's losses and statistics as ``train/*``: this rank's (rank 0's in the
+        loggers). The rollout's statistics are the datamodule's to log (``rollout/*``)."""
         metrics = {f"train/{k}": v.detach().float() for k, v in out.items()}
         metrics["train/reward"] = batch.rewards.float().mean()
-        how = {k: Reduce(*r) for k, r in (batch.rollout_reduce or {}).items()}
-        metrics.update(reduce_across_ranks(batch.rollout_stats or {}, how, self.device))
         for key, value in metrics.items():
             self.log(key, value, batch_size=len(batch), prog_bar=key in self.progress_bar_metrics)
 
@@ -386,7 +414,31 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
             optimizers.append(optimizer_cls(trainable(self.critic), lr=self.hparams.critic_lr, weight_decay=decay))
         return optimizers
 
-    # --------------------------------------------------------------- FSDP hooks
+    # ------------------------------------------------- generation (core.generation.RolloutPolicy)
+    def sampling_network(self) -> nn.Module:
+        """The network a generation engine samples from: the policy (its adapter view under LoRA)."""
+        return self.policy
+
+    def lockstep_forwards(self) -> bool:
+        """Whether every rank must make the same forward calls: each forward of a sharded
+        network (FSDP, FSDP2) all-gathers its shards from every rank."""
+        return self.under_fsdp()
+
+    @torch.no_grad()
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        """The policy's weights under Hugging Face names, on the CPU, as an inference engine
+        loads them (``generation_context`` gathers what a sharded policy keeps sharded; under
+        LoRA: the base with the policy adapter merged, ``core.lora``). FSDP2: gathered from
+        every rank's ``DTensor`` shards (``full_tensor``), a collective: every rank calls it
+        and gets the whole copy."""
+        if self.lora_config is not None:
+            return self.shared_lora.merged_state_dict("policy")
+        policy = self.sampling_network()
+        if any(is_sharded(m) for m in policy.modules()):
+            return gathered_state_dict(policy)
+        with self.generation_context(policy):
+            return {k: v.detach().to("cpu", copy=True) for k, v in policy.state_dict().items()}
+
     def generation_kwargs(self) -> dict[str, Any]:
         """Extra ``generate`` kwargs: under FSDP every rank must keep calling forward (each
         forward all-gathers shards) until the longest sequence on any rank is done."""
@@ -422,19 +474,6 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         same number of forward calls, also outside training_step)."""
         return self._trainer is not None and (is_fsdp_strategy(self.trainer.strategy)
                                               or is_fsdp2_strategy(self.trainer.strategy))
-
-    def lockstep_forwards(self) -> bool:
-        """Whether every rank must make the same forward calls: each forward of a sharded
-        network all-gathers its shards from every rank."""
-        return self.under_fsdp()
-
-    def inference_state_dict(self) -> dict[str, Tensor]:
-        """The policy's full weights under Hugging Face names, on the CPU. Sharded (FSDP2):
-        gathered from every rank's ``DTensor`` shards (``full_tensor``): a collective, every
-        rank calls it and gets the whole copy."""
-        if any(is_sharded(m) for m in self.policy.modules()):
-            return gathered_state_dict(self.policy)
-        return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
 
     def polyak_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(online, averaged copy) module pairs updated shard by shard: (critic, target critic)

@@ -18,19 +18,13 @@ from torch import Tensor, nn
 from etpo_lightning.core.base_module import TokenRLModule, frozen
 from etpo_lightning.core.fsdp2 import local_shard
 from etpo_lightning.core.batch import TransitionBatch
+from etpo_lightning.core.lora import AdapterView, LoRAConfig, SharedLoRA
 from etpo_lightning.core.lr_schedule import LRSchedule
 from etpo_lightning.core.models import share_weights
 from etpo_lightning.core.networks import unwrap_module
 from etpo_lightning.etpo.critic import TokenQCritic
-from etpo_lightning.etpo.losses import (
-    DEFAULT_CHUNK_SIZE,
-    kl_and_entropy,
-    policy_loss,
-    q_loss,
-    soft_lambda_targets,
-    soft_values,
-)
-from etpo_lightning.ppo.losses import token_logprobs
+from etpo_lightning.core.functional import DEFAULT_CHUNK_SIZE, kl_and_entropy, masked_mean, token_logprobs
+from etpo_lightning.etpo.losses import policy_loss, q_loss, soft_lambda_targets, soft_values
 
 
 class ETPOModule(TokenRLModule):
@@ -77,6 +71,11 @@ class ETPOModule(TokenRLModule):
             the spec's fixed point (tests/test_lambda_returns.py); the cut guarantees a
             contraction on off-policy data at the price of a shorter reach.
         chunk_size: Positions per chunk of the full-vocabulary computations (bounds memory).
+        lora: LoRA adapters on one frozen base instead of four copies (``LoRAConfig``; needs
+            peft): the policy, the critic and the target critic are adapters, the reference
+            is the base with them off. Q over the whole vocabulary is the base's LM head on
+            the critic's hidden states (plus a LoRA on the LM head, ``critic_lm_head``), so
+            ``critic_head_init`` must be ``copy``. None: full copies.
         policy: An already built policy (tests, custom models); overrides ``model_name_or_path``.
         critic: An already built critic returning Q ``[B, T, V]`` from ``(input_ids,
             attention_mask, position_ids)``; default ``build_critic(policy)``.
@@ -88,6 +87,8 @@ class ETPOModule(TokenRLModule):
     # stored value would be a different function from the one used inside the action.
     bootstraps_at_rollout = False
     model_attributes = (*TokenRLModule.model_attributes, "target_critic")
+    lora_critic_adapters = ("critic", "target_critic")
+    lora_critic_reads_lm_head = True  # Q over the vocabulary is the LM head's output
 
     def __init__(
         self,
@@ -108,6 +109,7 @@ class ETPOModule(TokenRLModule):
         lam: float = 0.0,
         traces: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        lora: LoRAConfig | None = None,
         policy: nn.Module | None = None,
         critic: nn.Module | None = None,
         reference: nn.Module | None = None,
@@ -120,13 +122,15 @@ class ETPOModule(TokenRLModule):
             raise ValueError(f"tau must be in (0, 1], got tau={tau}")
         if critic_head_init not in ("copy", "zero", "dueling"):
             raise ValueError(f"critic_head_init must be 'copy', 'zero' or 'dueling', got {critic_head_init!r}")
+        if lora is not None and critic_head_init != "copy":
+            raise ValueError("ETPOModule with lora needs critic_head_init='copy': the critic shares the base's LM head")
         if not critic_advantage_scale > 0:
             raise ValueError(f"critic_advantage_scale must be > 0, got {critic_advantage_scale}")
         if not 0 <= lam <= 1:
             raise ValueError(f"lam must be in [0, 1] (the lambda of ETPO(lambda)), got lam={lam}")
         super().__init__(model_name_or_path, policy_lr, critic_lr, gradient_clip_val, optimizer,
                          weight_decay, chunk_size, policy, critic, reference,
-                         lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio)
+                         lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio, lora=lora)
 
     # ------------------------------------------------------------------ models
     def build_critic(self, policy: nn.Module) -> nn.Module:
@@ -134,9 +138,14 @@ class ETPOModule(TokenRLModule):
         return TokenQCritic.from_policy(policy, head_init=self.hparams.critic_head_init,
                                         advantage_scale=self.hparams.critic_advantage_scale)
 
+    def lora_critic(self, shared: SharedLoRA, adapter: str) -> nn.Module:
+        """Q ``[B, T, V]`` under LoRA: the LM head's output with the critic's adapter active."""
+        return AdapterView(shared, adapter, returns_logits=True)
+
     def attach_models(self, policy: nn.Module, critic: nn.Module | None, reference: nn.Module | None) -> None:
         super().attach_models(policy, critic, reference)
-        self.target_critic = frozen(copy.deepcopy(self.critic))
+        if self.lora_config is None:  # under LoRA the target is an adapter, attached with the others
+            self.target_critic = frozen(copy.deepcopy(self.critic))
 
     def frozen_modules(self) -> list[nn.Module]:
         return super().frozen_modules() + [m for m in (self.target_critic,) if m is not None]
@@ -282,19 +291,18 @@ class ETPOModule(TokenRLModule):
             "policy_loss": self.compute_policy_loss(policy_logits, ref_logits, q.detach(), batch),
         }
         with torch.no_grad():
-            mask = batch.action_mask.float()
-            n = mask.sum().clamp_min(1.0)
+            mask = batch.action_mask
             kl, entropy = kl_and_entropy(policy_logits.detach(), ref_logits, self.hparams.chunk_size)
             out.update(
-                kl=(kl * mask).sum() / n,
-                entropy=(entropy * mask).sum() / n,
-                q_taken=(q_taken.detach().float() * mask).sum() / n,
-                target=(targets.float() * mask).sum() / n,
-                value=(values.float() * mask).sum() / n,
+                kl=masked_mean(kl, mask),
+                entropy=masked_mean(entropy, mask),
+                q_taken=masked_mean(q_taken.detach().float(), mask),
+                target=masked_mean(targets.float(), mask),
+                value=masked_mean(values.float(), mask),
                 next_value=next_values.float().mean(),
             )
             if log_ratio is not None:
                 # How far the replayed data is from the current policy, and how much of each
                 # Retrace trace survives (1 = on-policy).
-                out["trace_ratio"] = (log_ratio.clamp(max=0.0).exp() * mask).sum() / n
+                out["trace_ratio"] = masked_mean(log_ratio.clamp(max=0.0).exp(), mask)
         return out
