@@ -13,7 +13,6 @@ the shards, the bytes of this rank's local parameter shards, and the step times.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -61,7 +60,7 @@ def build(algo: str, model: str, clip: float) -> pl.LightningModule:
     common = {"model_name_or_path": model, "policy_lr": 1e-3, "gradient_clip_val": clip}
     if algo == "etpo":
         return ETPOModule(**common, critic_lr=1e-3, beta=0.1, gamma=0.9, tau=0.1, lam=0.5, traces=True,
-                          critic_head_init=os.environ.get("HEAD", "dueling"))
+                          critic_head_init="dueling")
     if algo == "ppo":
         return PPOModule(**common, critic_lr=1e-3, beta_kl=0.1, normalize_advantages=False)
     return GRPOModule(**common, beta=0.1)
@@ -101,7 +100,7 @@ class Record(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.times.append(time.perf_counter() - self._t0)
-        self.losses.append({k: float(v) for k, v in trainer.callback_metrics.items() if k in LOSS_KEYS or os.environ.get("ALLKEYS")})
+        self.losses.append({k: float(v) for k, v in trainer.callback_metrics.items() if k in LOSS_KEYS})
 
 
 def gathered_weights(module: pl.LightningModule) -> dict[str, dict[str, torch.Tensor]]:
