@@ -104,7 +104,6 @@ def test_sharded_checkpoint_resumes_exactly_and_the_hf_export_loads(tmp_path: Pa
         assert torch.equal(exported[key], value), key
 
 
-@pytest.mark.slow  # ~70 s on two shared cores: two `etpo fit` runs of two processes each
 def test_fsdp2_cpu_config_trains_resumes_and_exports_through_the_cli(tmp_path: Path) -> None:
     """``etpo fit --config configs/fsdp2_cpu.yaml`` on two ranks (rollouts: generation with the
     gathered policy, bootstraps, the KL monitor), on a tiny saved model and the keyword task
