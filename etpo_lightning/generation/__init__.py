@@ -1,0 +1,1 @@
+"""Generation engines: what samples the rollout's actions (see ``core.generation``)."""
