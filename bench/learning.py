@@ -9,11 +9,11 @@ scoring on the quickstart dataset for the base model and for the trained policy
 (`hf-last`), with the same number of samples and sampling seed. Reports the mean reward of
 sampled programs (failures count -1), success rate and best AUC, the KL to the reference
 and the held-out perplexity at the end of training (KLMonitor), and the wall time.
-Writes `bench/results/learning.json`, `learning.md` (the table) and `learning.png`
-(reward curves of every seed). Other modules (e.g. PPO) plug in with `--config`, ablations
-with `--set DOTTED=VALUE` (any key of the derived config, one callback by class:
-`--set "trainer.callbacks[KLMonitor].init_args.target_kl=0.15"`) or plain CLI arguments after
-`--`. `--train-only --reuse` is how bench/learning_all.sh trains before one evaluation of
+Writes `bench/results/<stem>.{json,md,png}` (the numbers, the table, reward curves of every
+seed; the stem is `learning` for the label ETPO, `learning_<label>` otherwise). Other
+modules (e.g. PPO) plug in with `--config`, ablations with `--set DOTTED=VALUE` (any key of
+the derived config, one callback by class: `--set
+"trainer.callbacks[KLMonitor].init_args.target_kl=0.15"`) or plain CLI arguments after `--`. `--train-only --reuse` is how bench/learning_all.sh trains before one evaluation of
 every model (bench/learning_compare.py).
 """
 
@@ -72,7 +72,7 @@ def check_reusable(root: Path, config: dict, extra: list[str], run_info: dict) -
     Compares the effective configs: the derived file with the ``--dotted.key=value`` CLI
     arguments applied, so a value given on the command line then and in the config now (a
     new default) still matches. Runs whose ``run_info.json`` did not record their CLI
-    arguments (before December 2026) are compared on the derived file alone.
+    arguments (older runs) are compared on the derived file alone.
     """
     saved = yaml.safe_load((root / "config.yaml").read_text())
     if "extra" in run_info:

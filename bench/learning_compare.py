@@ -192,7 +192,7 @@ def curve_from_json(data: dict) -> pd.DataFrame:
 # How far a recorded base evaluation's mean reward may be from today's. The programs sampled are
 # the same (same weights, seed: same failures, same successes), but a few sklearn fits are not
 # reproducible across CPUs (BLAS and numpy pick other kernels on AVX-512 than on AVX2): the
-# AVX2 round's base model scored -0.3142895 there and -0.3142825 on an AVX-512 machine.
+# AVX2 build of the tiny coder scored -0.3142895 on an AVX2 machine and -0.3142825 on an AVX-512 one.
 REWARD_TOLERANCE = 1e-4
 
 

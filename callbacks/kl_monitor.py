@@ -14,7 +14,7 @@ from torchmetrics.text import Perplexity
 
 from etpo_lightning.core.batch import TransitionBatch
 from etpo_lightning.core.rank_stats import Reduce, reduce_across_ranks
-from etpo_lightning.etpo.losses import kl_and_entropy
+from etpo_lightning.core.functional import kl_and_entropy
 
 
 def read_heldout(path: str | Path) -> list[str]:
@@ -57,7 +57,7 @@ class KLMonitor(pl.Callback):
         min_beta: Floor of the adapted coefficient (``adapt_beta`` only); None lets it fall
             freely. Early in a run the KL is far below any target, so an unfloored controller
             first lowers beta, just when the critic is least trustworthy: with ETPO the policy
-            then followed the critic's noisy early gaps (docs/results.md).
+            then followed the critic's noisy early gaps (docs/etpo.md, "Why the quickstart's settings").
     """
 
     def __init__(

@@ -18,10 +18,13 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from etpo_lightning.core.batch import Transition, TransitionBatch
+from etpo_lightning.core.generation import GenerationEngine, RolloutPolicy, Sampling
 from etpo_lightning.core.models import load_tokenizer
 from etpo_lightning.core.rank_stats import Reduce
-from etpo_lightning.datamodules.sampling import PolicySampling
+from etpo_lightning.datamodules.rollout_metrics import RolloutMetrics
+from etpo_lightning.datamodules.tokens import TokenCodec
 from etpo_lightning.envs import TextEnv, VectorEnv
+from etpo_lightning.generation import ENGINES, build_engine
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +56,14 @@ class _RolloutStream(IterableDataset):
             yield BatchTicket(i)
 
 
-class RolloutDataModule(PolicySampling, pl.LightningDataModule):
+class RolloutDataModule(TokenCodec, pl.LightningDataModule):
     """Runs ``num_envs`` text environments with the attached module's policy and serves
     ``TransitionBatch``es.
 
     A *collection* runs every environment for ``rollout_steps`` steps with the current
-    policy (Hugging Face ``generate``, KV cache on, sampling as configured); episodes
+    policy, sampled by a generation engine (``generation``: Hugging Face ``generate`` by
+    default; the module offers its policy as a ``core.generation.RolloutPolicy`` and the
+    engine is given the current weights before every collection); episodes
     continue across collections (an environment mid-episode keeps its state). The last
     ``replay_collections`` collections are kept, as token ids and a few scalars per
     transition (no full-vocabulary tensor), and batches are sampled from them. A new
@@ -109,13 +114,15 @@ class RolloutDataModule(PolicySampling, pl.LightningDataModule):
         replay_collections: Collections kept and sampled from (1: the latest only).
         max_prompt_tokens: Longest prompt fed to the policy (see the truncation rule above).
         max_new_tokens: Longest action.
-        temperature: Sampling temperature of ``generate``.
+        temperature: Sampling temperature.
         top_k: Top-k sampling (0 disables it).
         top_p: Nucleus sampling (1.0 disables it).
-        generation_batch_size: Prompts per ``generate`` call (bounds generation memory).
+        generation_batch_size: Prompts per engine call (bounds generation memory).
         step_timeout_s: Seconds an environment step may take before its worker is replaced.
         seed: Seed of environments and sampling.
         group_size: Samples per observation (see Groups above); must divide ``num_envs``.
+        generation: The engine that samples actions: ``hf`` (Hugging Face ``generate`` on
+            the live policy).
     """
 
     def __init__(
@@ -137,6 +144,7 @@ class RolloutDataModule(PolicySampling, pl.LightningDataModule):
         step_timeout_s: float | None = None,
         seed: int = 0,
         group_size: int = 1,
+        generation: str = "hf",
     ) -> None:
         super().__init__()
         for name, value in dict(num_envs=num_envs, rollout_steps=rollout_steps, batch_size=batch_size,
@@ -154,12 +162,15 @@ class RolloutDataModule(PolicySampling, pl.LightningDataModule):
                              f"group_size environments shares its observations), got group_size={group_size}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got temperature={temperature}")
+        if generation not in ENGINES:
+            raise ValueError(f"generation must be one of {sorted(ENGINES)}, got generation={generation!r}")
         self.save_hyperparameters(ignore=["env", "tokenizer"])
         self.env = env
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.batches_per_epoch = batches_per_epoch or max(1, num_envs * rollout_steps // batch_size)
         self.refresh_on_epoch = True
         self.vector_env: VectorEnv | None = None
+        self.engine: GenerationEngine | None = None
         self.replay: deque[list[Transition]] = deque(maxlen=replay_collections)
         self.latest_stats: dict[str, float] = {}  # this rank's, of the latest collection
         self.latest_reduce: dict[str, Reduce] = {}  # how each combines across ranks
@@ -191,7 +202,24 @@ class RolloutDataModule(PolicySampling, pl.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer is not None else 0
         return self.hparams.seed + 1000 * rank
 
+    @property
+    def sampling(self) -> Sampling:
+        """The sampling settings every engine applies."""
+        hp = self.hparams
+        return Sampling(max_new_tokens=hp.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+                        pad_token_id=self.tokenizer.pad_token_id, temperature=hp.temperature, top_k=hp.top_k,
+                        top_p=hp.top_p, batch_size=hp.generation_batch_size, seed=self.rank_seed)
+
+    def make_engine(self) -> GenerationEngine:
+        """The engine ``generation`` names (a subclass may return its own)."""
+        return build_engine(self.hparams.generation)
+
     def setup(self, stage: str) -> None:
+        # The rollout statistics reach the loggers through this callback (``rollout/*``).
+        if self.trainer is not None and not any(isinstance(c, RolloutMetrics) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(RolloutMetrics())
+        if self.engine is None:
+            self.engine = self.make_engine()
         if self.vector_env is None:
             fns = [functools.partial(copy.deepcopy, self.env) for _ in range(self.hparams.num_envs)]
             self.vector_env = VectorEnv(fns, num_workers=self.hparams.env_workers, seed=self.rank_seed,
@@ -201,6 +229,10 @@ class RolloutDataModule(PolicySampling, pl.LightningDataModule):
             self._reset_groups()
 
     def teardown(self, stage: str) -> None:
+        # Lightning calls this at the end of fit and when fit fails.
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
         if self.vector_env is not None:
             self.vector_env.close()
             self.vector_env = None
@@ -233,16 +265,17 @@ class RolloutDataModule(PolicySampling, pl.LightningDataModule):
             self.collect(self.trainer.lightning_module)
             pool = [t for collection in self.replay for t in collection]
         chosen = self._sample_rng.sample(pool, self.hparams.batch_size)
-        batch = TransitionBatch.collate(chosen, self.tokenizer.pad_token_id)
-        batch.rollout_stats = dict(self.latest_stats)
-        batch.rollout_reduce = dict(self.latest_reduce)
-        return batch
+        return TransitionBatch.collate(chosen, self.tokenizer.pad_token_id)
 
     # --------------------------------------------------------------- rollout
     @torch.no_grad()
-    def collect(self, module: pl.LightningModule) -> list[Transition]:
-        """Run every environment ``rollout_steps`` steps with the current policy."""
-        venv, hp = self.vector_env, self.hparams
+    def collect(self, module: RolloutPolicy) -> list[Transition]:
+        """Run every environment ``rollout_steps`` steps with ``module``'s current policy."""
+        if not isinstance(module, RolloutPolicy):
+            raise TypeError(f"RolloutDataModule needs a module that offers its policy as a RolloutPolicy "
+                            f"(e.g. a TokenRLModule), got {type(module).__name__}")
+        venv, hp, engine, sampling = self.vector_env, self.hparams, self.engine, self.sampling
+        engine.load_weights(module)
         workers_restarted_before = venv.workers_restarted
         if self._observations is None:
             self._observations = venv.reset()
@@ -253,7 +286,8 @@ class RolloutDataModule(PolicySampling, pl.LightningDataModule):
         steps = tqdm(range(hp.rollout_steps), desc="rollout", leave=False, disable=hp.rollout_steps < 2)
         for _ in steps:
             prompts = self.encode_prompts(self._observations)
-            actions, logprobs = self.generate(module, prompts)
+            samples = engine.sample(module, prompts, sampling)
+            actions, logprobs = samples.actions, samples.logprobs
             texts = [self.decode_action(a) for a in actions]
             next_obs, step_rewards, dones, infos = venv.step(texts)
             truncated = [bool(d and info.get("truncated", False)) for d, info in zip(dones, infos)]
@@ -262,8 +296,8 @@ class RolloutDataModule(PolicySampling, pl.LightningDataModule):
             # is the one it would have continued from (final_observation); a terminated one has none.
             following = [info.get("final_observation", "") if t else o for o, t, info in zip(next_obs, truncated, infos)]
             next_prompts = self.encode_prompts(["" if term else f for f, term in zip(following, terminated)])
-            next_values = (self._next_values(module, next_prompts, terminated)
-                           if getattr(module, "bootstraps_at_rollout", True) else [0.0] * len(next_prompts))
+            next_values = (engine.bootstrap_values(module, next_prompts, terminated, sampling)
+                           if module.bootstraps_at_rollout else [0.0] * len(next_prompts))
             for i in range(hp.num_envs):
                 transition = Transition(
                     prompts[i], actions[i], float(step_rewards[i]), terminated=terminated[i], truncated=truncated[i],
@@ -384,8 +418,8 @@ class RolloutDataModule(PolicySampling, pl.LightningDataModule):
 
 
 def _upgrade(fields: dict[str, Any]) -> dict[str, Any]:
-    """A stored transition from a checkpoint before terminal and truncated were separate
-    (one ``done`` field, which then meant either) loads as terminated, as it trained then."""
+    """A stored transition with one ``done`` field (checkpoints that do not separate terminal
+    from truncated, where ``done`` meant either) loads as terminated, as it was trained."""
     fields = dict(fields)
     if "done" in fields:
         fields["terminated"] = fields.pop("done")

@@ -1,10 +1,7 @@
 """Names exported by a package but imported on first use (PEP 562 module ``__getattr__``).
 
-Two reasons the packages here export lazily: environment worker processes and the sandbox
-import ``etpo_lightning.envs`` and must not pay for torch and Lightning through
-``etpo_lightning/__init__.py``; and ``core.forwards`` imports ``ppo.losses`` while the
-algorithm modules import ``core.base_module``, so an eager ``__init__`` in ``ppo/`` would
-make an import cycle.
+Environment worker processes and the sandbox import ``etpo_lightning.envs`` and must not
+pay for torch and Lightning through ``etpo_lightning/__init__.py``.
 """
 
 from __future__ import annotations

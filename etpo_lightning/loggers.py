@@ -1,7 +1,7 @@
 """Lightning's CSV and TensorBoard loggers, writing under ``trainer.default_root_dir`` by default.
 
 Lightning's own loggers need a ``save_dir``, so a config that lists them pins a folder, and
-``--trainer.default_root_dir`` no longer moves the logs. With these, ``save_dir`` may be left
+``--trainer.default_root_dir`` does not move the logs. With these, ``save_dir`` may be left
 out: the ``etpo`` command sets it to ``trainer.default_root_dir`` (outside the command, to the
 working directory, Lightning's default root). Everything else is Lightning's logger.
 """

@@ -1,9 +1,9 @@
 """``etpo_lightning.losses``: ETPO's loss functions under their documented name.
 
 The code lives in :mod:`etpo_lightning.etpo.losses`, beside the rest of ETPO. This module
-only re-exports it because ``etpo_lightning.losses`` is the public API that the spec, the
-README's "algorithm in one page" table and issue 11 name (e.g.
-``etpo_lightning.losses.soft_lambda_targets``); users' code and notebooks import it.
+only re-exports it because ``etpo_lightning.losses`` is the public API that the spec and
+``docs/etpo.md`` name (e.g. ``etpo_lightning.losses.soft_lambda_targets``); users' code and
+notebooks import it.
 """
 
 from etpo_lightning.etpo.losses import (  # noqa: F401  (re-exported)

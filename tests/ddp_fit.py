@@ -137,7 +137,7 @@ class Record(pl.Callback):
         self.batches.append({
             "group_ids": None if batch.group_ids is None else batch.group_ids.tolist(),
             "group_members": None if batch.group_members is None else batch.group_members.tolist(),
-            "stats_keys": sorted(batch.rollout_stats or {}),
+            "stats_keys": sorted(trainer.datamodule.latest_stats),
         })
         self.policy_losses.append(float(trainer.callback_metrics["train/policy_loss"]))
         dm = trainer.datamodule

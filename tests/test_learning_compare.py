@@ -88,8 +88,7 @@ def _kl_monitor(cfg: dict) -> dict:
 
 def test_an_ablation_override_changes_one_callback_and_nothing_else(tmp_path):
     """``--set trainer.callbacks[KLMonitor].init_args.target_kl=0.15``: the target-KL ablation
-    of docs/results.md, which ran from a copied config file before overrides could reach a
-    callback."""
+    of docs/results.md changes that one callback's argument (found by class), nothing else."""
     from derive_config import derive_config, parse_sets
 
     shipped = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())

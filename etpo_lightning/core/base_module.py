@@ -42,7 +42,6 @@ from etpo_lightning.core.forwards import TokenForwards
 from etpo_lightning.core.lr_schedule import LRSchedule, check_schedule, lr_factor
 from etpo_lightning.core.models import empty_causal_lm, load_causal_lm, share_weights
 from etpo_lightning.core.networks import LazyNetworks
-from etpo_lightning.core.rank_stats import Reduce, reduce_across_ranks
 from etpo_lightning.core.state import gather_rng_states, restore_rng_states
 
 
@@ -87,7 +86,7 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
     # Under FSDP, build on the meta device and load once on rank 0 (``configure_model``).
     sharded_loading = True
     # Shown in the progress bar; everything else goes to the loggers only.
-    progress_bar_metrics = ("train/kl", "rollout/reward_mean")
+    progress_bar_metrics = ("train/kl",)
 
     def __init__(
         self,
@@ -266,15 +265,10 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         self.log("train/lr_factor", factor, batch_size=1)
 
     def log_training_metrics(self, out: dict[str, Tensor], batch: TransitionBatch) -> None:
-        """Log the step's losses and statistics as ``train/*`` and the batch's rollout stats.
-
-        ``train/*`` are this rank's (rank 0's in the loggers). The rollout statistics are
-        combined over all ranks first, each as it should be (``rank_stats``: weighted means,
-        max, min, summed counters), then logged as they are, identical on every rank."""
+        """Log the step's losses and statistics as ``train/*``: this rank's (rank 0's in the
+        loggers). The rollout's statistics are the datamodule's to log (``rollout/*``)."""
         metrics = {f"train/{k}": v.detach().float() for k, v in out.items()}
         metrics["train/reward"] = batch.rewards.float().mean()
-        how = {k: Reduce(*r) for k, r in (batch.rollout_reduce or {}).items()}
-        metrics.update(reduce_across_ranks(batch.rollout_stats or {}, how, self.device))
         for key, value in metrics.items():
             self.log(key, value, batch_size=len(batch), prog_bar=key in self.progress_bar_metrics)
 
@@ -294,7 +288,23 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
             optimizers.append(optimizer_cls(trainable(self.critic), lr=self.hparams.critic_lr, weight_decay=decay))
         return optimizers
 
-    # --------------------------------------------------------------- FSDP hooks
+    # ------------------------------------------------- generation (core.generation.RolloutPolicy)
+    def sampling_network(self) -> nn.Module:
+        """The network a generation engine samples from: the policy."""
+        return self.policy
+
+    def lockstep_forwards(self) -> bool:
+        """Whether every rank must make the same forward calls (sharded networks)."""
+        return self.under_fsdp()
+
+    @torch.no_grad()
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        """The policy's weights under Hugging Face names, on the CPU, as an inference engine
+        loads them (``generation_context`` gathers what a sharded policy keeps sharded)."""
+        policy = self.sampling_network()
+        with self.generation_context(policy):
+            return {k: v.detach().to("cpu", copy=True) for k, v in policy.state_dict().items()}
+
     def generation_kwargs(self) -> dict[str, Any]:
         """Extra ``generate`` kwargs: under FSDP every rank must keep calling forward (each
         forward all-gathers shards) until the longest sequence on any rank is done."""

@@ -73,12 +73,6 @@ class TransitionBatch:
     # time; a terminated row holds one pad token (mask True) so every row has a valid input.
     next_prompt_ids: Tensor | None = field(default=None)  # [B, P'] long
     next_prompt_mask: Tensor | None = field(default=None)  # [B, P'] bool
-    # Statistics of the rollout collection this batch was drawn from (rollout/reward_mean, ...),
-    # carried with the batch so the module can log them under any strategy.
-    rollout_stats: dict[str, float] | None = field(default=None)
-    # How each of them combines across DDP/FSDP ranks (``etpo_lightning.core.rank_stats.Reduce``:
-    # op and weight); a key without one is an unweighted mean.
-    rollout_reduce: dict[str, tuple[str, float]] | None = field(default=None)
     # Groups (G samples per observation; None unless every transition has one): the group
     # ids [B] long, each row's member index [B] long and its group's returns [B, G] float32.
     group_ids: Tensor | None = field(default=None)

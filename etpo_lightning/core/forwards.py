@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from etpo_lightning.core.batch import TransitionBatch
 from etpo_lightning.core.models import accepts_logits_to_keep
 from etpo_lightning.core.networks import accepts_keyword, unwrap_module
-from etpo_lightning.ppo.losses import token_logprobs
+from etpo_lightning.core.functional import token_logprobs
 
 
 class TokenForwards:

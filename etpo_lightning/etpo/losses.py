@@ -1,6 +1,6 @@
-"""ETPO's mathematics as pure tensor functions: one equation of ``docs/algorithm.md`` each.
+"""ETPO's mathematics as pure tensor functions: one equation of ``docs/etpo.md`` each.
 
-``docs/algorithm.md`` (in this repository) derives them, states the consistency result that
+``docs/etpo.md`` (in this repository) derives them, states the consistency result that
 ``tests/test_consistency.py`` checks, explains ETPO(lambda) and lists where this differs from
 the authors' public code.
 
@@ -29,47 +29,22 @@ Conventions
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-DEFAULT_CHUNK_SIZE = 1024
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _over_chunks(fn: Callable[..., Tensor], *tensors: Tensor, chunk_size: int, recompute: bool) -> Tensor:
-    """Apply ``fn`` (a map [n, V] -> [n] or [n, k]) to ``chunk_size`` flattened positions at a time."""
-    lead = tensors[0].shape[:-1]
-    flat = [t.reshape(-1, t.shape[-1]) for t in tensors]
-    outs = []
-    for start in range(0, flat[0].shape[0], chunk_size):
-        parts = [t[start : start + chunk_size] for t in flat]
-        if recompute and torch.is_grad_enabled() and any(p.requires_grad for p in parts):
-            outs.append(checkpoint(fn, *parts, use_reentrant=False))
-        else:
-            outs.append(fn(*parts))
-    if not outs:  # zero positions: still return the right shape and dtype
-        outs.append(fn(*flat))
-    out = torch.cat(outs)
-    return out.reshape(tuple(lead) + tuple(out.shape[1:]))
-
-
-def _log_policies(policy_logits: Tensor, ref_logits: Tensor) -> tuple[Tensor, Tensor]:
-    dtype = _compute_dtype(policy_logits)
-    return (
-        F.log_softmax(policy_logits.to(dtype), dim=-1),
-        F.log_softmax(ref_logits.to(dtype), dim=-1),
-    )
+from etpo_lightning.core.functional import (  # noqa: F401  (kl_and_entropy, DEFAULT_CHUNK_SIZE: public here too)
+    DEFAULT_CHUNK_SIZE,
+    compute_dtype,
+    kl_and_entropy,
+    log_policies,
+    masked_mean,
+    over_chunks,
+)
 
 
 def _soft_value_chunk(q: Tensor, policy_logits: Tensor, ref_logits: Tensor, beta: float) -> Tensor:
-    log_pi, log_rho = _log_policies(policy_logits, ref_logits)
+    log_pi, log_rho = log_policies(policy_logits, ref_logits)
     pi = log_pi.exp()
     return (pi * (q.to(log_pi.dtype) - beta * (log_pi - log_rho))).sum(-1)
 
@@ -89,7 +64,7 @@ def soft_values(
     gradients flow if they do not.
     """
     with torch.autocast(q.device.type, enabled=False):
-        return _over_chunks(
+        return over_chunks(
             lambda a, b, c: _soft_value_chunk(a, b, c, beta),
             q, policy_logits, ref_logits,
             chunk_size=chunk_size, recompute=False,
@@ -112,7 +87,7 @@ def soft_bellman_targets(
     token gets ``rewards + gamma * (1 - dones) * next_values`` (V at the next observation's
     first position); padding gets 0. Rows with no valid token are all zeros.
     """
-    dtype = _compute_dtype(values)
+    dtype = compute_dtype(values)
     mask = action_mask.bool()
     values = values.to(dtype)
     next_token_valid = F.pad(mask[:, 1:], (0, 1), value=False)
@@ -147,7 +122,7 @@ def soft_lambda_targets(
     where ``q_taken`` [B, L] is Qbar_j = Q_target(h_j, w^j) of the taken token, ``values``
     [B, L] is V(h_j) (``soft_values``) and ``log_ratio`` [B, L] is log pi(w^j|h_j) -
     log mu(w^j|h_j) against the behaviour policy that sampled w^j. The fixed point is the
-    one of docs/algorithm.md (section 5) for every lam in [0, 1]; ``lam = 0`` returns
+    one of docs/etpo.md (ETPO(lambda)) for every lam in [0, 1]; ``lam = 0`` returns
     ``soft_bellman_targets`` exactly.
     Padding gets 0; the result is detached.
     """
@@ -174,11 +149,6 @@ def soft_lambda_targets(
     return returns.detach()
 
 
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp_min(1.0)
-
-
 def q_loss(
     q_taken: Tensor,
     targets: Tensor,
@@ -190,18 +160,18 @@ def q_loss(
     ``q_taken`` [B, L] is the online critic's Q at the token actually taken; the targets
     are treated as constants.
     """
-    dtype = _compute_dtype(q_taken)
+    dtype = compute_dtype(q_taken)
     with torch.autocast(q_taken.device.type, enabled=False):
         q_taken, targets = q_taken.to(dtype), targets.detach().to(dtype)
         if huber_delta is None:
             per_token = (q_taken - targets).pow(2)
         else:
             per_token = F.huber_loss(q_taken, targets, reduction="none", delta=huber_delta)
-        return _masked_mean(per_token, action_mask)
+        return masked_mean(per_token, action_mask)
 
 
 def _policy_loss_chunk(policy_logits: Tensor, ref_logits: Tensor, q: Tensor, beta: float) -> Tensor:
-    log_pi, log_rho = _log_policies(policy_logits, ref_logits)
+    log_pi, log_rho = log_policies(policy_logits, ref_logits)
     pi = log_pi.exp()
     return (pi * (beta * (log_pi - log_rho) - q.to(log_pi.dtype))).sum(-1)
 
@@ -223,24 +193,9 @@ def policy_loss(
     """
     q = q.detach()
     with torch.autocast(policy_logits.device.type, enabled=False):
-        per_position = _over_chunks(
+        per_position = over_chunks(
             lambda a, b, c: _policy_loss_chunk(a, b, c, beta),
             policy_logits, ref_logits.detach(), q,
             chunk_size=chunk_size, recompute=True,
         )
-        return _masked_mean(per_position, action_mask)
-
-
-def kl_and_entropy(
-    policy_logits: Tensor, ref_logits: Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> tuple[Tensor, Tensor]:
-    """Exact per-position KL(pi || rho) and entropy H(pi), for monitoring ([..., V] -> [...])."""
-
-    def chunk(p: Tensor, r: Tensor) -> Tensor:
-        log_pi, log_rho = _log_policies(p, r)
-        pi = log_pi.exp()
-        return torch.stack([(pi * (log_pi - log_rho)).sum(-1), -(pi * log_pi).sum(-1)], dim=-1)
-
-    with torch.no_grad(), torch.autocast(policy_logits.device.type, enabled=False):
-        stats = _over_chunks(chunk, policy_logits, ref_logits, chunk_size=chunk_size, recompute=False)
-        return stats[..., 0], stats[..., 1]
+        return masked_mean(per_position, action_mask)

@@ -21,15 +21,8 @@ from etpo_lightning.core.lr_schedule import LRSchedule
 from etpo_lightning.core.models import share_weights
 from etpo_lightning.core.networks import unwrap_module
 from etpo_lightning.etpo.critic import TokenQCritic
-from etpo_lightning.etpo.losses import (
-    DEFAULT_CHUNK_SIZE,
-    kl_and_entropy,
-    policy_loss,
-    q_loss,
-    soft_lambda_targets,
-    soft_values,
-)
-from etpo_lightning.ppo.losses import token_logprobs
+from etpo_lightning.core.functional import DEFAULT_CHUNK_SIZE, kl_and_entropy, masked_mean, token_logprobs
+from etpo_lightning.etpo.losses import policy_loss, q_loss, soft_lambda_targets, soft_values
 
 
 class ETPOModule(TokenRLModule):
@@ -254,19 +247,18 @@ class ETPOModule(TokenRLModule):
             "policy_loss": self.compute_policy_loss(policy_logits, ref_logits, q.detach(), batch),
         }
         with torch.no_grad():
-            mask = batch.action_mask.float()
-            n = mask.sum().clamp_min(1.0)
+            mask = batch.action_mask
             kl, entropy = kl_and_entropy(policy_logits.detach(), ref_logits, self.hparams.chunk_size)
             out.update(
-                kl=(kl * mask).sum() / n,
-                entropy=(entropy * mask).sum() / n,
-                q_taken=(q_taken.detach().float() * mask).sum() / n,
-                target=(targets.float() * mask).sum() / n,
-                value=(values.float() * mask).sum() / n,
+                kl=masked_mean(kl, mask),
+                entropy=masked_mean(entropy, mask),
+                q_taken=masked_mean(q_taken.detach().float(), mask),
+                target=masked_mean(targets.float(), mask),
+                value=masked_mean(values.float(), mask),
                 next_value=next_values.float().mean(),
             )
             if log_ratio is not None:
                 # How far the replayed data is from the current policy, and how much of each
                 # Retrace trace survives (1 = on-policy).
-                out["trace_ratio"] = (log_ratio.clamp(max=0.0).exp() * mask).sum() / n
+                out["trace_ratio"] = masked_mean(log_ratio.clamp(max=0.0).exp(), mask)
         return out

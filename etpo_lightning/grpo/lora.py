@@ -26,7 +26,7 @@ from torch import nn
 from etpo_lightning.core.base_module import frozen
 from etpo_lightning.core.lora import AdapterView, SharedLoRA, linear_module_names, lora_model
 from etpo_lightning.core.lr_schedule import LRSchedule
-from etpo_lightning.etpo.losses import DEFAULT_CHUNK_SIZE
+from etpo_lightning.core.functional import DEFAULT_CHUNK_SIZE
 from etpo_lightning.grpo.losses import DEFAULT_STD_EPS
 from etpo_lightning.grpo.module import GRPOModule
 

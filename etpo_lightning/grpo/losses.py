@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from etpo_lightning.ppo.losses import _compute_dtype, masked_mean
+from etpo_lightning.core.functional import compute_dtype, masked_mean
 
 LossAggregation = Literal["sequence", "token"]
 
@@ -46,7 +46,7 @@ def group_advantages(returns: Tensor, scale_by_std: bool = True, eps: float = DE
     """
     if returns.dim() != 2 or returns.shape[1] < 2:
         raise ValueError(f"returns must be [groups, G] with G >= 2, got shape {tuple(returns.shape)}")
-    dtype = _compute_dtype(returns)
+    dtype = compute_dtype(returns)
     r = returns.to(dtype)
     centred = r - r.mean(dim=1, keepdim=True)
     if scale_by_std:
@@ -68,7 +68,7 @@ def k3_kl(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 
     For a token w sampled from pi, E_w[k3] = KL(pi || rho) exactly. Gradients flow through
     ``logprobs`` (rho is a constant)."""
-    dtype = _compute_dtype(logprobs)
+    dtype = compute_dtype(logprobs)
     with torch.autocast(logprobs.device.type, enabled=False):
         d = ref_logprobs.detach().to(dtype) - logprobs.to(dtype)
         return d.exp() - d - 1.0
@@ -105,7 +105,7 @@ def grpo_loss(
     with A the row's episode advantage ``[B]`` (or per token ``[B, L]``), aggregated by
     ``aggregate``. Gradients flow through ``logprobs`` only.
     """
-    dtype = _compute_dtype(logprobs)
+    dtype = compute_dtype(logprobs)
     with torch.autocast(logprobs.device.type, enabled=False):
         lp = logprobs.to(dtype)
         adv = advantages.detach().to(dtype)

@@ -19,9 +19,8 @@ from torch import Tensor, nn
 from etpo_lightning.core.base_module import TokenRLModule
 from etpo_lightning.core.batch import TransitionBatch
 from etpo_lightning.core.lr_schedule import LRSchedule
-from etpo_lightning.etpo.losses import DEFAULT_CHUNK_SIZE, kl_and_entropy
+from etpo_lightning.core.functional import DEFAULT_CHUNK_SIZE, kl_and_entropy, masked_mean, ratio_stats, token_logprobs
 from etpo_lightning.grpo.losses import DEFAULT_STD_EPS, grpo_loss, k3_kl, row_advantages
-from etpo_lightning.ppo.losses import masked_mean, ratio_stats, token_logprobs
 
 
 class GRPOModule(TokenRLModule):

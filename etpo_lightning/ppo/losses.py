@@ -2,7 +2,7 @@
 
 Read top to bottom, this file is the whole baseline:
 
-1. ``token_logprobs``   log pi(w_j | h_j) of the taken tokens, from logits
+1. ``token_logprobs``   log pi(w_j | h_j) of the taken tokens, from logits (``core.functional``)
 2. ``token_rewards``    r_j = -beta_kl (log pi_old(w_j|h_j) - log rho(w_j|h_j)) + [j = n-1] r
 3. ``gae``              A_j = sum_{k>=j} (c lam)^(k-j) delta_k, delta_j = r_j + c V_{j+1} - V_j,
                         with V_n := gamma (1-d) V(s') at the last token; returns G_j = A_j + V_j
@@ -32,26 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from etpo_lightning.core.functional import (  # noqa: F401  (token_logprobs, ratio_stats: public here too)
+    compute_dtype,
+    masked_mean,
+    ratio_stats,
+    token_logprobs,
+)
+
 TokenDiscount = Literal["none", "gamma"]
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``x`` over the True entries of ``mask`` (0 when there are none)."""
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-def token_logprobs(logits: Tensor, token_ids: Tensor) -> Tensor:
-    """log softmax(logits)[token] ``[B, L]`` from logits ``[B, L, V]`` (gradients flow)."""
-    with torch.autocast(logits.device.type, enabled=False):
-        logits = logits.to(_compute_dtype(logits))
-        # cross_entropy fuses log-softmax and gather without keeping a second [B, L, V] copy.
-        flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), token_ids.reshape(-1), reduction="none")
-        return -flat.view(token_ids.shape)
 
 
 def token_rewards(
@@ -64,7 +52,7 @@ def token_rewards(
     The penalty uses the sampling policy's log-probabilities, so it is a fixed reward of
     the stored transition (the sampled-token estimate of KL(pi_old || rho), as in RLHF).
     """
-    dtype = _compute_dtype(old_logprobs)
+    dtype = compute_dtype(old_logprobs)
     mask = action_mask.bool()
     penalty = -beta_kl * (old_logprobs.to(dtype) - ref_logprobs.to(dtype))
     last = mask & ~F.pad(mask[:, 1:], (0, 1), value=False)
@@ -99,7 +87,7 @@ def gae(
     """
     if token_discount not in ("none", "gamma"):
         raise ValueError(f"token_discount must be 'none' or 'gamma', got {token_discount!r}")
-    dtype = _compute_dtype(values)
+    dtype = compute_dtype(values)
     values, rewards = values.detach().to(dtype), rewards.detach().to(dtype)
     c = 1.0 if token_discount == "none" else gamma
     mask = action_mask.bool()
@@ -137,7 +125,7 @@ def clipped_policy_loss(
     Gradients flow through ``logprobs`` only. At rho = 1 the gradient is that of
     -mean_j A_j log pi(w_j|h_j), the advantage-weighted policy gradient.
     """
-    dtype = _compute_dtype(logprobs)
+    dtype = compute_dtype(logprobs)
     with torch.autocast(logprobs.device.type, enabled=False):
         log_ratio = logprobs.to(dtype) - old_logprobs.detach().to(dtype)
         ratio = log_ratio.exp()
@@ -145,20 +133,6 @@ def clipped_policy_loss(
         unclipped = -adv * ratio
         clipped = -adv * ratio.clamp(1.0 - clip_ratio, 1.0 + clip_ratio)
         return masked_mean(torch.maximum(unclipped, clipped), action_mask)
-
-
-def ratio_stats(
-    logprobs: Tensor, old_logprobs: Tensor, action_mask: Tensor, clip_ratio: float
-) -> tuple[Tensor, Tensor]:
-    """Monitoring of the importance ratio over valid tokens: the fraction with
-    |rho - 1| > eps, and approx KL(pi_old || pi) = mean(rho - 1 - log rho) (non-negative,
-    unbiased for tokens sampled from pi_old)."""
-    with torch.no_grad():
-        log_ratio = logprobs.float() - old_logprobs.float()
-        ratio = log_ratio.exp()
-        clip_fraction = masked_mean(((ratio - 1.0).abs() > clip_ratio).float(), action_mask)
-        approx_kl = masked_mean(ratio - 1.0 - log_ratio, action_mask)
-    return clip_fraction, approx_kl
 
 
 def value_loss(
@@ -171,7 +145,7 @@ def value_loss(
     """Critic loss, mean over valid tokens of (V_j - G_j)^2; with ``value_clip`` and
     ``old_values``, the PPO form max((V - G)^2, (V_old + clip(V - V_old, -c, c) - G)^2)
     that keeps the value from moving more than c from the one the advantages used."""
-    dtype = _compute_dtype(values)
+    dtype = compute_dtype(values)
     with torch.autocast(values.device.type, enabled=False):
         v, g = values.to(dtype), returns.detach().to(dtype)
         per_token = (v - g).pow(2)

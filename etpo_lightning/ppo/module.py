@@ -20,17 +20,8 @@ from torch import Tensor, nn
 from etpo_lightning.core.base_module import TokenRLModule
 from etpo_lightning.core.batch import TransitionBatch
 from etpo_lightning.core.lr_schedule import LRSchedule
-from etpo_lightning.etpo.losses import DEFAULT_CHUNK_SIZE, kl_and_entropy
-from etpo_lightning.ppo.losses import (
-    clipped_policy_loss,
-    gae,
-    masked_mean,
-    ratio_stats,
-    token_logprobs,
-    token_rewards,
-    value_loss,
-    whiten,
-)
+from etpo_lightning.core.functional import DEFAULT_CHUNK_SIZE, kl_and_entropy, masked_mean, ratio_stats, token_logprobs
+from etpo_lightning.ppo.losses import clipped_policy_loss, gae, token_rewards, value_loss, whiten
 
 
 class TokenValueCritic(nn.Module):
