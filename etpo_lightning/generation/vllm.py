@@ -116,15 +116,15 @@ class VLLMEngine(GenerationEngine):
                   else {"gpu_memory_utilization": opts.gpu_memory_utilization})
         try:
             with _process_state_kept():
-                from vllm import LLM
-
+                try:
+                    from vllm import LLM
+                except (ImportError, RuntimeError) as err:  # e.g. a torchvision built for another torch
+                    raise VLLMNotInstalledError(f"vLLM is installed but does not import ({err}): {INSTALL_HINT}") from err
                 self._llm = LLM(
                     model=self._config_dir, load_format="dummy", skip_tokenizer_init=True, dtype=opts.dtype,
                     max_model_len=self.max_model_len, enforce_eager=opts.enforce_eager,
                     logprobs_mode="processed_logprobs", **memory,
                 )
-        except ImportError as err:  # installed, but broken (e.g. a torchvision built for another torch)
-            raise VLLMNotInstalledError(f"vLLM is installed but does not import ({err}): {INSTALL_HINT}") from err
         except BaseException:
             self.close()
             raise
