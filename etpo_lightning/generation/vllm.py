@@ -104,8 +104,11 @@ class VLLMEngine(GenerationEngine):
             raise RuntimeError("generation='vllm' runs one process per trainer (devices: 1); "
                                "multi-rank training with vLLM is not supported yet")
         config = hf_config(source.sampling_network())
-        if self.max_model_len is None:
-            self.max_model_len = int(getattr(config, "max_position_embeddings", 2048))
+        positions = getattr(config, "max_position_embeddings", None)
+        if self.options.max_model_len is None and positions is not None:
+            # vLLM refuses a length beyond the model's positions; prompts that would need more
+            # are refused one by one in ``sample``, with their length.
+            self.max_model_len = min(self.max_model_len or positions, int(positions))
         # Only the architecture is read from disk (load_format="dummy"): the weights come
         # from the live policy right after, and again before every collection.
         self._config_dir = tempfile.mkdtemp(prefix="etpo-vllm-")
@@ -136,7 +139,8 @@ class VLLMEngine(GenerationEngine):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        too_long = [p.numel() for p in prompts if p.numel() + sampling.max_new_tokens > self.max_model_len]
+        limit = self.max_model_len or float("inf")
+        too_long = [p.numel() for p in prompts if p.numel() + sampling.max_new_tokens > limit]
         if too_long:
             raise ValueError(f"a prompt of {max(too_long)} tokens + max_new_tokens={sampling.max_new_tokens} exceeds "
                              f"the vLLM engine's max_model_len={self.max_model_len}")
