@@ -247,8 +247,15 @@ class RolloutDataModule(TokenCodec, pl.LightningDataModule):
             self._sample_rng.seed(self.rank_seed)
             self._reset_groups()
 
+    def on_exception(self, exception: BaseException) -> None:
+        # Lightning skips ``teardown`` when fit fails: free the engine here (a vLLM engine
+        # holds its KV cache and a process group).
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
     def teardown(self, stage: str) -> None:
-        # Lightning calls this at the end of fit and when fit fails.
+        # Lightning calls this at the end of fit (not when it fails: ``on_exception``).
         if self.engine is not None:
             self.engine.close()
             self.engine = None

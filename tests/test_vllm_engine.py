@@ -188,6 +188,29 @@ def test_grpo_groups_with_vllm(assets, tmp_path):
         assert all(torch.equal(t.group_returns, group[0].group_returns) for t in group)
 
 
+def test_the_engine_is_closed_when_fit_fails(assets, tmp_path):
+    from etpo_lightning import ETPOModule
+    from etpo_lightning.datamodules.rollout import RolloutDataModule
+    from etpo_lightning.envs import KeywordEnv
+
+    class Failing(ETPOModule):
+        def training_step(self, batch, batch_idx):
+            raise RuntimeError("failed in training_step")
+
+    module = Failing(model_name_or_path=assets[0], beta=0.1, gamma=0.99, policy_lr=1e-3, critic_lr=1e-3)
+    dm = RolloutDataModule(env=KeywordEnv(), tokenizer=assets[1], num_envs=2, batch_size=2, max_new_tokens=8,
+                           max_prompt_tokens=64, generation="vllm", vllm=OPTIONS)
+    engines = []
+    make_engine = dm.make_engine
+    dm.make_engine = lambda: engines.append(make_engine()) or engines[-1]
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="failed in training_step"):
+        trainer.fit(module, datamodule=dm)
+    assert dm.collections == 1 and dm.engine is None and not engines[0].built
+    assert not torch.distributed.is_initialized()  # vLLM's process group is gone with it
+
+
 def test_quickstart_vllm_fits_checkpoints_resumes_and_exports(assets, tmp_path):
     """``etpo fit --config configs/quickstart_vllm.yaml`` (shrunk, the random Llama as the
     policy: its programs fail fast), then resumed from its last checkpoint; the Hugging Face
