@@ -1,4 +1,4 @@
-"""Memory of ETPO's networks: full copies (``ETPOModule``) vs LoRA on one base (``LoRAETPOModule``).
+"""Memory of ETPO's networks: full copies (``ETPOModule``) vs LoRA on one base (``ETPOModule(lora=...)``).
 
 For each model configuration the real modules are built on the META device (shapes only,
 nothing allocated, so the 7B case runs on a laptop) and their parameters counted:
@@ -82,11 +82,13 @@ def run(config: str, lora_r: int) -> dict[str, Any]:
     result: dict[str, Any] = {"model": CONFIGS[config], "full": measure(full)}
     del full
     try:
-        from etpo_lightning.etpo.lora import LoRAETPOModule
+        import peft  # noqa: F401
     except ImportError:  # peft missing: report the full mode only
         return result
-    lora = LoRAETPOModule(policy=meta_llama(config), beta=0.01, lora_r=lora_r, lora_alpha=2 * lora_r)
-    result["lora"] = measure(lora, shared={"shared_base": lora.base_model()})
+    from etpo_lightning.core.lora import LoRAConfig
+
+    lora = ETPOModule(policy=meta_llama(config), beta=0.01, lora=LoRAConfig(r=lora_r, alpha=2 * lora_r))
+    result["lora"] = measure(lora, shared={"shared_base": lora.shared_lora.base_model()})
     result["lora_r"] = lora_r
     return result
 

@@ -15,6 +15,7 @@ from etpo_lightning._lazy import lazy_exports
 
 _EXPORTS = {
     "ETPOModule": "etpo_lightning.etpo.module",
+    "LoRAConfig": "etpo_lightning.core.lora",
     "LoRAETPOModule": "etpo_lightning.etpo.lora",
     "TokenRLModule": "etpo_lightning.core.base_module",
     "TokenQCritic": "etpo_lightning.etpo.critic",

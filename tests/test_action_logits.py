@@ -66,10 +66,10 @@ def _etpo(head_init: str = "copy", **kw) -> ETPOModule:
 
 def _lora() -> ETPOModule:
     pytest.importorskip("peft")
-    from etpo_lightning.etpo.lora import LoRAETPOModule
+    from etpo_lightning.core.lora import LoRAConfig
 
-    m = LoRAETPOModule(policy=tiny_llama(VOCAB, seed=0), beta=0.1, gamma=0.9, lora_r=4, tau=0.05)
-    m.hparams.lam, m.hparams.traces = 0.9, True  # LoRAETPOModule does not take them yet
+    m = ETPOModule(policy=tiny_llama(VOCAB, seed=0), beta=0.1, gamma=0.9, tau=0.05, lam=0.9, traces=True,
+                   lora=LoRAConfig(r=4))
     for seed, view in enumerate((m.policy, m.critic, m.target_critic), start=1):
         _perturb([view.adapter_params], seed, scale=0.2)
     return m

@@ -1,4 +1,4 @@
-"""LoRAGRPOModule: GRPO's policy as a LoRA adapter on one frozen base, the reference being
+"""GRPOModule(lora=...): GRPO's policy as a LoRA adapter on one frozen base, the reference being
 that base with the adapter disabled (peft)."""
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from helpers import tiny_llama, word_tokenizer
 from test_grpo import VOCAB, WORDS, _fit, _grouped_batch, _rollout_data
 
 pytest.importorskip("peft")
-from etpo_lightning import LoRAGRPOModule  # noqa: E402
-from etpo_lightning.core.lora import AdapterView  # noqa: E402
+from etpo_lightning.core.lora import AdapterView, LoRAConfig  # noqa: E402
 
 LORA_R, LORA_ALPHA = 4, 16
 
@@ -34,9 +33,9 @@ def tokenizer():
     return word_tokenizer(WORDS)
 
 
-def _module(base: torch.nn.Module, **kwargs: Any) -> LoRAGRPOModule:
+def _module(base: torch.nn.Module, **kwargs: Any) -> GRPOModule:
     # A large learning rate so that a few steps move the adapter visibly.
-    return LoRAGRPOModule(policy=base, beta=0.2, policy_lr=2e-2, lora_r=LORA_R, lora_alpha=LORA_ALPHA, **kwargs)
+    return GRPOModule(policy=base, beta=0.2, policy_lr=2e-2, lora=LoRAConfig(r=LORA_R, alpha=LORA_ALPHA), **kwargs)
 
 
 def _train_batches(n: int) -> list:
@@ -49,7 +48,7 @@ def _train_batches(n: int) -> list:
 
 
 @pytest.fixture(scope="module")
-def trained() -> tuple[LoRAGRPOModule, torch.nn.Module, list[torch.Tensor]]:
+def trained() -> tuple[GRPOModule, torch.nn.Module, list[torch.Tensor]]:
     """A LoRA GRPO module after 4 training batches, an untouched copy of its base (made
     before peft wraps it) and the initial adapter."""
     base = tiny_llama(VOCAB, seed=0)
@@ -77,7 +76,7 @@ def test_one_base_one_adapter_no_critic() -> None:
     assert sum(p.numel() for p in GRPOModule(policy=tiny_llama(VOCAB, seed=0)).parameters()) == 2 * n_base
     # The base is frozen; the one optimizer trains exactly the adapter; nothing critic-like is stored.
     ids = {id(p) for p in policy}
-    assert not any(p.requires_grad for p in module.base_model().parameters() if id(p) not in ids)
+    assert not any(p.requires_grad for p in module.shared_lora.base_model().parameters() if id(p) not in ids)
     (opt,) = module.configure_optimizers()
     assert [p for g in opt.param_groups for p in g["params"]] == policy
     assert not any("critic" in k for k in module.state_dict())
@@ -91,16 +90,16 @@ def test_one_base_one_adapter_no_critic() -> None:
 
 def test_refuses_an_injected_reference_and_a_bad_rank() -> None:
     with pytest.raises(ValueError, match="pass only `policy`"):
-        LoRAGRPOModule(policy=tiny_llama(VOCAB), reference=tiny_llama(VOCAB))
-    with pytest.raises(ValueError, match="lora_r must be >= 1"):
-        LoRAGRPOModule(policy=tiny_llama(VOCAB), lora_r=0)
+        GRPOModule(policy=tiny_llama(VOCAB), reference=tiny_llama(VOCAB), lora=LoRAConfig())
+    with pytest.raises(ValueError, match="lora.r must be an integer >= 1"):
+        GRPOModule(policy=tiny_llama(VOCAB), lora=LoRAConfig(r=0))
 
 
 def test_training_moves_the_adapter_only_and_the_reference_stays_the_base(trained) -> None:
     module, untouched, initial = trained
     # Base weights: bit-identical to the independent copy (peft renames adapted layers'
     # weights ``...q_proj.base_layer.weight``).
-    base_params = dict(module.base_model().named_parameters())
+    base_params = dict(module.shared_lora.base_model().named_parameters())
     adapter_ids = {id(p) for p in module.policy.parameters()}
     for name, p in untouched.named_parameters():
         mine = base_params.get(name, base_params.get(name.replace(".weight", ".base_layer.weight")))
@@ -116,12 +115,12 @@ def test_training_moves_the_adapter_only_and_the_reference_stays_the_base(traine
     assert all(p.requires_grad for p in module.policy.parameters())
 
 
-def _merged_by_hand(module: LoRAGRPOModule, untouched: torch.nn.Module) -> torch.nn.Module:
+def _merged_by_hand(module: GRPOModule, untouched: torch.nn.Module) -> torch.nn.Module:
     """The adapted policy without peft: W + (alpha / r) B A in a copy of the untouched base."""
     merged = copy.deepcopy(untouched)
     weights = dict(merged.named_parameters())
     n = 0
-    for name, m in module.base_model().named_modules():
+    for name, m in module.shared_lora.base_model().named_modules():
         if hasattr(m, "lora_A") and "policy" in m.lora_A:
             a, b = m.lora_A["policy"].weight, m.lora_B["policy"].weight
             with torch.no_grad():
@@ -185,24 +184,24 @@ def test_fit_through_the_grouped_rollout_datamodule(tmp_path: Path, tokenizer) -
         assert len(col) == 3 and torch.isfinite(torch.tensor(col.values)).all(), key
     assert logged["train/advantage_abs"].dropna().max() > 0
     # Rollouts (policy.generate) and training left the base alone.
-    base_params = dict(module.base_model().named_parameters())
+    base_params = dict(module.shared_lora.base_model().named_parameters())
     for name, p in untouched.named_parameters():
         assert torch.equal(base_params.get(name, base_params.get(name.replace(".weight", ".base_layer.weight"))), p)
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert len(saved["optimizer_states"]) == 1 and not any("critic" in k for k in saved["state_dict"])
     # The checkpoint loads into a new module (the injected base passed again): same weights.
-    loaded = LoRAGRPOModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=False,
-                                                 policy=tiny_llama(len(tokenizer), seed=1))
+    loaded = GRPOModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=False,
+                                             policy=tiny_llama(len(tokenizer), seed=1))
     a, b = module.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(p.abs().sum() > 0 for name, p in loaded.shared_lora.peft.named_parameters() if "lora_B" in name)
 
 
-class _LoRAGRPO(LoRAGRPOModule):
+class _LoRAGRPO(GRPOModule):
     """``test_grpo._fit`` builds modules as ``cls(policy=..., beta=..., policy_lr=...)``."""
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(lora_r=LORA_R, lora_alpha=LORA_ALPHA, **kwargs)
+        super().__init__(lora=LoRAConfig(r=LORA_R, alpha=LORA_ALPHA), **kwargs)
 
 
 class _NoRNGRestore(_LoRAGRPO):

@@ -1,4 +1,4 @@
-"""LoRAETPOModule: four ETPO networks as adapters on one frozen base (peft)."""
+"""ETPOModule(lora=...): four ETPO networks as adapters on one frozen base (peft)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ from etpo_lightning import ETPOModule
 from helpers import random_transition_batch, tiny_llama
 
 pytest.importorskip("peft")
-from etpo_lightning.etpo.lora import AdapterView, LoRAETPOModule  # noqa: E402
+from etpo_lightning.core.lora import AdapterView, LoRAConfig  # noqa: E402
 
 VOCAB = 64
 TAU = 0.05
 
 
-def _module(base: torch.nn.Module) -> LoRAETPOModule:
+def _module(base: torch.nn.Module) -> ETPOModule:
     # A large LoRA learning rate so that a few steps move the adapters visibly.
-    return LoRAETPOModule(policy=base, beta=0.1, gamma=0.9, policy_lr=2e-2, critic_lr=2e-2, tau=TAU, lora_r=4)
+    return ETPOModule(policy=base, beta=0.1, gamma=0.9, policy_lr=2e-2, critic_lr=2e-2, tau=TAU, lora=LoRAConfig(r=4))
 
 
 def _fit(module: pl.LightningModule, steps: int) -> None:
@@ -38,7 +38,7 @@ def _clone(params) -> list[torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def trained() -> tuple[LoRAETPOModule, torch.nn.Module, dict[str, list[torch.Tensor]]]:
+def trained() -> tuple[ETPOModule, torch.nn.Module, dict[str, list[torch.Tensor]]]:
     """A LoRA module after 4 training batches, an untouched copy of its base, and the initial adapters."""
     base = tiny_llama(VOCAB, seed=0)
     untouched = copy.deepcopy(base)  # independent copy, made before peft wraps the base
@@ -65,7 +65,7 @@ def test_views_hold_only_their_adapter_and_one_base_is_shared() -> None:
     full = ETPOModule(policy=tiny_llama(VOCAB, seed=0), beta=0.1)
     assert sum(p.numel() for p in full.parameters()) == 4 * n_base
     # The base is frozen; the optimizers see exactly the two trained adapters.
-    assert not any(p.requires_grad for p in module.base_model().parameters()
+    assert not any(p.requires_grad for p in module.shared_lora.base_model().parameters()
                    if not any(p is q for q in policy + critic))
     opt_policy, opt_critic = module.configure_optimizers()
     assert [p for g in opt_policy.param_groups for p in g["params"]] == policy
@@ -88,7 +88,7 @@ def test_initial_networks_equal_the_base_and_critic_is_full_vocabulary_q() -> No
 def test_lora_training_moves_adapters_not_the_base(trained) -> None:
     module, untouched, initial = trained
     # Base weights: bit-identical to the independent copy.
-    base_params = dict(module.base_model().named_parameters())
+    base_params = dict(module.shared_lora.base_model().named_parameters())
     adapter_ids = {id(p) for n in ("policy", "critic", "target_critic") for p in getattr(module, n).parameters()}
     checked = 0
     for name, p in untouched.named_parameters():
@@ -143,25 +143,25 @@ def test_policy_export_and_generate_match_the_adapted_model(trained, tmp_path: P
     assert "lora" not in " ".join(n for n, _ in exported.named_parameters())  # a plain merged model
 
 
-def test_lora_module_refuses_injected_critic() -> None:
+def test_lora_refuses_injected_critic() -> None:
     with pytest.raises(ValueError, match="pass only `policy`"):
-        LoRAETPOModule(policy=tiny_llama(VOCAB), critic=tiny_llama(VOCAB))
+        ETPOModule(policy=tiny_llama(VOCAB), critic=tiny_llama(VOCAB), lora=LoRAConfig())
     with pytest.raises(ValueError, match="critic_head_init='copy'"):
-        LoRAETPOModule(policy=tiny_llama(VOCAB), critic_head_init="zero")
+        ETPOModule(policy=tiny_llama(VOCAB), critic_head_init="zero", lora=LoRAConfig())
 
 
-def test_lora_module_passes_every_etpo_argument_through() -> None:
-    """critic_advantage_scale, lam and traces reach ETPOModule: they are hyperparameters,
-    validated there, and lam shapes the critic's targets (ETPO(lambda) on the adapters)."""
+def test_lora_takes_every_etpo_argument() -> None:
+    """critic_advantage_scale, lam and traces work with lora: they are hyperparameters,
+    validated, and lam shapes the critic's targets (ETPO(lambda) on the adapters)."""
     from etpo_lightning.losses import soft_lambda_targets, soft_values
 
-    module = LoRAETPOModule(policy=tiny_llama(VOCAB), beta=0.1, gamma=0.9, lora_r=4,
-                            critic_advantage_scale=0.5, lam=0.9, traces=True)
+    module = ETPOModule(policy=tiny_llama(VOCAB), beta=0.1, gamma=0.9, lora=LoRAConfig(r=4),
+                        critic_advantage_scale=0.5, lam=0.9, traces=True)
     assert (module.hparams.critic_advantage_scale, module.hparams.lam, module.hparams.traces) == (0.5, 0.9, True)
     with pytest.raises(ValueError, match="critic_advantage_scale"):
-        LoRAETPOModule(policy=tiny_llama(VOCAB), critic_advantage_scale=0.0)
+        ETPOModule(policy=tiny_llama(VOCAB), critic_advantage_scale=0.0, lora=LoRAConfig())
     with pytest.raises(ValueError, match="lam must be in"):
-        LoRAETPOModule(policy=tiny_llama(VOCAB), lam=1.5)
+        ETPOModule(policy=tiny_llama(VOCAB), lam=1.5, lora=LoRAConfig())
     with torch.no_grad():  # a critic adapter that is not the identity, so targets depend on lam
         for p in module.critic.parameters():
             p.normal_(0, 0.3)

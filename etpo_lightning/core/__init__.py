@@ -11,5 +11,6 @@
 * ``rank_stats.py``   logged statistics combined over ranks (weighted means, max, min, sums);
 * ``batch.py``        ``Transition`` and ``TransitionBatch``, what rollouts hand to training;
 * ``models.py``       loading causal LMs and tokenizers (and the tiny coder alias);
-* ``lora.py``         networks as LoRA adapter views on one frozen base (the LoRA modules).
+* ``lora.py``         ``LoRAConfig``, the ``lora`` option of every module: its networks as
+                      LoRA adapter views on one frozen base.
 """

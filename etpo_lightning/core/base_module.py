@@ -10,6 +10,9 @@ has none: ``build_critic`` returns None and only the policy's optimizer exists),
 and the value of an observation used to bootstrap (``bootstrap_values``).
 Networks are built on first use or in ``configure_model``, never in ``__init__``; a
 checkpoint of injected networks asks for them again on loading (``core/networks.py``).
+With ``lora`` (a ``LoRAConfig``) they are adapters on one frozen base instead of copies,
+built in ``core/lora.py``; a subclass says only what its critic is on an adapter
+(``lora_critic``, ``lora_critic_adapters``).
 The forwards (``model_inputs``, ``outputs``, ``action_outputs``, ``prompt_outputs``,
 ``action_logprobs``) are inherited from ``TokenForwards`` (``core/forwards.py``).
 """
@@ -39,6 +42,7 @@ from etpo_lightning.core.distributed import (
     summon_own_params,
 )
 from etpo_lightning.core.forwards import TokenForwards
+from etpo_lightning.core.lora import LoRAConfig, SharedLoRA, lora_networks, refuse_injected_networks
 from etpo_lightning.core.lr_schedule import LRSchedule, check_schedule, lr_factor
 from etpo_lightning.core.models import empty_causal_lm, load_causal_lm, share_weights
 from etpo_lightning.core.networks import LazyNetworks
@@ -87,6 +91,12 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
     sharded_loading = True
     # Shown in the progress bar; everything else goes to the loggers only.
     progress_bar_metrics = ("train/kl",)
+    # Under ``lora``: the critic's adapter and those of its Polyak copies, each wrapped by
+    # ``lora_critic`` (empty: no critic); whether the critic's outputs come from the LM head
+    # (then ``LoRAConfig.critic_lm_head`` adapts the LM head for the critic too).
+    lora_critic_adapters: tuple[str, ...] = ("critic",)
+    lora_critic_reads_lm_head = False
+    model_attributes = (*LazyNetworks.model_attributes, "shared_lora")
 
     def __init__(
         self,
@@ -102,9 +112,14 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         reference: nn.Module | None,
         lr_schedule: LRSchedule = "constant",
         min_lr_ratio: float = 0.0,
+        lora: LoRAConfig | None = None,
     ) -> None:
         super().__init__()
         check_schedule(lr_schedule, min_lr_ratio)
+        # None: full copies of the model; else one frozen base and LoRA adapters (core/lora.py).
+        self.lora_config = LoRAConfig.coerce(lora)
+        if self.lora_config is not None:
+            refuse_injected_networks(critic, reference)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got chunk_size={chunk_size}")
         for name, lr in (("policy_lr", policy_lr), ("critic_lr", critic_lr)):
@@ -115,6 +130,10 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         self.defer_networks(policy, critic, reference)
         # Collects the arguments of the whole __init__ chain (the subclass's too).
         self.save_hyperparameters(ignore=["policy", "critic", "reference"])
+        # Plain types in checkpoints (torch.load's weights_only=True) and the loggers' hparams.yaml.
+        lora_hparam = self.lora_config.as_dict() if self.lora_config is not None else None
+        self.hparams["lora"] = lora_hparam
+        self._hparams_initial["lora"] = copy.deepcopy(lora_hparam)  # what loggers record
         self.automatic_optimization = False
         self.nonfinite_steps = 0
         # The KL coefficient the losses use, from the hparam ``kl_coef_hparam``; KLMonitor may
@@ -143,12 +162,21 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         """The critic when none is injected (subclasses decide; None: the method has no critic)."""
         raise NotImplementedError
 
+    def lora_critic(self, shared: SharedLoRA, adapter: str) -> nn.Module:
+        """The critic under ``lora``, on the base with ``adapter`` active (``core.lora.AdapterView``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support lora (no LoRA critic)")
+
     def build_reference(self, policy: nn.Module) -> nn.Module:
         """The reference rho when none is injected: a copy of the initial policy."""
         return copy.deepcopy(policy)
 
     def attach_models(self, policy: nn.Module, critic: nn.Module | None, reference: nn.Module | None) -> None:
-        """Set the networks (subclasses add theirs, e.g. a target critic, after calling this)."""
+        """Set the networks (subclasses add theirs, e.g. a target critic, after calling this).
+        Under ``lora``, all of them are adapter views on ``policy``, the base (``lora_networks``)."""
+        if self.lora_config is not None:
+            for name, network in lora_networks(self, policy, critic, reference).items():
+                setattr(self, name, network)
+            return
         self.policy = policy.train()  # from_pretrained returns eval-mode models
         self.reference = frozen(reference if reference is not None else self.build_reference(policy))
         critic = critic if critic is not None else self.build_critic(policy)
@@ -161,7 +189,8 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         strategy's init context. The policy is loaded, the other networks are copies: four
         on every rank, as DDP needs; under FSDP, built on meta with one load on rank 0
         (``sharded_loading``, ``core.distributed.build_sharded_models``)."""
-        if not self.models_built and self.sharded_loading and self.under_fsdp():
+        # One frozen base under LoRA: nothing is copied, so it loads as usual.
+        if not self.models_built and self.sharded_loading and self.lora_config is None and self.under_fsdp():
             build_sharded_models(self)
         self.build_models()
 
@@ -290,7 +319,7 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
 
     # ------------------------------------------------- generation (core.generation.RolloutPolicy)
     def sampling_network(self) -> nn.Module:
-        """The network a generation engine samples from: the policy."""
+        """The network a generation engine samples from: the policy (its adapter view under LoRA)."""
         return self.policy
 
     def lockstep_forwards(self) -> bool:
@@ -300,7 +329,10 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
     @torch.no_grad()
     def inference_state_dict(self) -> dict[str, Tensor]:
         """The policy's weights under Hugging Face names, on the CPU, as an inference engine
-        loads them (``generation_context`` gathers what a sharded policy keeps sharded)."""
+        loads them (``generation_context`` gathers what a sharded policy keeps sharded; under
+        LoRA: the base with the policy adapter merged, ``core.lora``)."""
+        if self.lora_config is not None:
+            return self.shared_lora.merged_state_dict("policy")
         policy = self.sampling_network()
         with self.generation_context(policy):
             return {k: v.detach().to("cpu", copy=True) for k, v in policy.state_dict().items()}

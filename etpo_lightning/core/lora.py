@@ -1,23 +1,96 @@
-"""Networks as LoRA adapters on ONE frozen base model: the machinery the LoRA modules share.
+"""Networks as LoRA adapters on ONE frozen base model: the ``lora`` option of every module.
 
-``LoRAETPOModule`` (``etpo/lora.py``: policy, critic and target critic adapters) and
-``LoRAGRPOModule`` (``grpo/lora.py``: a policy adapter) keep one frozen base inside a
-Hugging Face ``peft`` model (the optional dependency ``pip install etpo-lightning[lora]``)
-and present each network as an ``AdapterView``: a small module that activates its adapter
-on the shared model for the duration of a call and registers only that adapter's
-parameters, so ``TokenRLModule``'s optimizers, freezing and Polyak code work unchanged.
-The view with no adapter is the base itself with every adapter disabled: the reference.
+``TokenRLModule(lora=LoRAConfig(...))`` (``ETPOModule``, ``PPOModule``, ``GRPOModule``)
+keeps one frozen base inside a Hugging Face ``peft`` model (the optional dependency
+``pip install etpo-lightning[lora]``) and presents each network as an ``AdapterView``: a
+small module that activates its adapter on the shared model for the duration of a call and
+registers only that adapter's parameters, so ``TokenRLModule``'s optimizers, freezing and
+Polyak code work unchanged. ``lora_networks`` builds them all, in this one place:
+
+  * ``policy``         base + adapter ``policy`` (trained);
+  * ``critic``         base + adapter ``critic`` (trained), under the module's critic head
+                       (``TokenRLModule.lora_critic``: ETPO's Q is the LM head's output,
+                       PPO's value head reads the decoder); none for GRPO;
+  * ``target_critic``  base + adapter ``target_critic``: a frozen Polyak average of the
+                       critic's adapter, for modules that have a target (ETPO);
+  * ``reference``      the base with every adapter disabled: exactly the initial model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import torch
 from torch import Tensor, nn
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters on one frozen base model instead of full copies of it.
+
+    The policy, the critic (if the algorithm has one) and its target (if any) become LoRA
+    adapters on one frozen copy of the base model; the reference is that base with the
+    adapters switched off.
+
+    Args:
+        r: Rank of every adapter.
+        alpha: LoRA scaling numerator (an adapter's update is scaled by ``alpha / r``).
+        dropout: Dropout on the adapters' inputs.
+        target_modules: Names of the linear layers to adapt; default every ``nn.Linear``
+            of the base except the LM head.
+        critic_lm_head: Also put a LoRA on the LM head for a critic whose outputs come from
+            it (ETPO's Q over the vocabulary), so Q's output layer is not tied to the base's
+            next-token head. Ignored by critics that do not read the LM head (PPO's value head).
+    """
+
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+    critic_lm_head: bool = True
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.r, int) and self.r >= 1):
+            raise ValueError(f"lora.r must be an integer >= 1 (the adapters' rank), got r={self.r!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha must be > 0, got alpha={self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got dropout={self.dropout}")
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str) or not self.target_modules:
+                raise ValueError("lora.target_modules must be a non-empty list of layer names "
+                                 f"(or null for every linear layer), got {self.target_modules!r}")
+            self.target_modules = list(self.target_modules)
+
+    @classmethod
+    def coerce(cls, value: LoRAConfig | Mapping[str, Any] | None) -> LoRAConfig | None:
+        """A ``LoRAConfig`` from itself, a mapping of its fields (a checkpoint's hyperparameters)
+        or None (no LoRA)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            unknown = set(value) - {f.name for f in fields(cls)}
+            if unknown:
+                raise ValueError(f"lora: unknown settings {sorted(unknown)}; "
+                                 f"valid: {[f.name for f in fields(cls)]}")
+            return cls(**value)
+        raise ValueError(f"lora must be a LoRAConfig, a mapping of its fields or None, got {type(value).__name__}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain types, as checkpoints store hyperparameters (``torch.load(weights_only=True)``)."""
+        return asdict(self)
+
+
+def refuse_injected_networks(critic: nn.Module | None, reference: nn.Module | None) -> None:
+    """Under LoRA only the base (``policy``) can be injected: the other networks are its adapters."""
+    if critic is not None or reference is not None:
+        raise ValueError("with lora, the critic and the reference are built from the base model (its adapters); "
+                         "pass only `policy` (the base)")
 
 
 def linear_module_names(model: nn.Module, exclude: tuple[str, ...] = ("lm_head",)) -> list[str]:
@@ -26,7 +99,7 @@ def linear_module_names(model: nn.Module, exclude: tuple[str, ...] = ("lm_head",
     return sorted(names - set(exclude))
 
 
-def lora_model(base: nn.Module, adapters: dict[str, list[str]], r: int, alpha: int, dropout: float,
+def lora_model(base: nn.Module, adapters: dict[str, list[str]], r: int, alpha: float, dropout: float,
                owner: str) -> nn.Module:
     """``base`` wrapped by ``peft`` with one LoRA adapter per entry of ``adapters`` (name ->
     target module names), in that order; ``owner`` names the module in the missing-peft error."""
@@ -62,6 +135,30 @@ class SharedLoRA(nn.Module):
         for name, p in self.peft.named_parameters():
             p.requires_grad_(self.adapter_of(name) in self.trained)
             self._flags.append((p, p.requires_grad))
+
+    def base_model(self) -> nn.Module:
+        """The shared frozen base, adapters injected (a view with no adapter gives its plain outputs)."""
+        return self.peft.get_base_model()
+
+    @torch.no_grad()
+    def merged_state_dict(self, adapter: str) -> dict[str, Tensor]:
+        """The base's weights with ``adapter`` merged, under the plain Hugging Face names, on
+        the CPU: what ``merge_and_unload`` of that adapter would hold, computed without a copy
+        of the model (W + peft's ``get_delta_weight``, as its merge adds it)."""
+        base = self.base_model()
+        deltas: dict[str, Tensor] = {}
+        for name, module in base.named_modules():
+            lora_a = getattr(module, "lora_A", None)
+            if isinstance(lora_a, nn.ModuleDict) and adapter in lora_a:
+                deltas[f"{name}.base_layer.weight"] = module.get_delta_weight(adapter)
+        merged: dict[str, Tensor] = {}
+        for key, tensor in base.state_dict().items():
+            if ".lora_" in key:
+                continue  # the adapters' own parameters: merged below or not part of this network
+            if key in deltas:
+                tensor = tensor + deltas[key].to(tensor.dtype)
+            merged[key.replace(".base_layer.", ".")] = tensor.detach().to("cpu", copy=True)
+        return merged
 
     def adapter_of(self, param_name: str) -> str | None:
         """The adapter a peft parameter belongs to (``...lora_A.critic.weight`` -> ``critic``)."""
@@ -109,18 +206,22 @@ class AdapterView(nn.Module):
     Registers its own adapter's parameters only (the shared model is held unregistered), so
     ``view.parameters()`` is what its optimizer trains or what Polyak averages. Trained
     views pass ``train()``/``eval()`` on to the shared model; frozen views always run it in
-    eval mode. Returns the HF output (policy, reference) or the logits tensor (critics).
+    eval mode. Returns the HF output (policy, reference), the logits tensor (ETPO's critics,
+    ``returns_logits``) or the decoder's output without the LM head (``decoder``: the
+    backbone of a value head, ``last_hidden_state``).
     """
 
     # Keyword arguments reach the Hugging Face model (``logits_to_keep`` too: outputs at the
     # last n positions only).
     accepts_logits_to_keep = True
 
-    def __init__(self, shared: SharedLoRA, adapter: str | None, returns_logits: bool = False) -> None:
+    def __init__(self, shared: SharedLoRA, adapter: str | None, returns_logits: bool = False,
+                 decoder: bool = False) -> None:
         super().__init__()
         self.__dict__["shared"] = shared  # not a submodule: the LightningModule owns it once
         self.adapter = adapter
         self.returns_logits = returns_logits
+        self.decoder = decoder
         self.adapter_params = nn.ParameterList(shared.adapter_parameters(adapter) if adapter else [])
 
     @property
@@ -139,6 +240,8 @@ class AdapterView(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self.shared.using(self.adapter, eval_mode=not self.trained) as model:
+            if self.decoder:  # the transformer under the LM head (adapters injected in it too)
+                return model.get_base_model().base_model(*args, **kwargs)
             out = model(*args, **kwargs)
         return out.logits if self.returns_logits else out
 
@@ -156,3 +259,56 @@ class AdapterView(nn.Module):
             merged.base_model.set_adapter(self.adapter)
             model = merged.merge_and_unload(adapter_names=[self.adapter])
         model.save_pretrained(path, **kwargs)
+
+
+class LoRAModule(Protocol):
+    """What ``lora_networks`` reads of a module (``TokenRLModule`` has it all)."""
+
+    lora_config: LoRAConfig
+    lora_critic_adapters: tuple[str, ...]
+    lora_critic_reads_lm_head: bool
+
+    def lora_critic(self, shared: SharedLoRA, adapter: str) -> nn.Module: ...
+
+
+def lora_networks(module: LoRAModule, base: nn.Module, critic: nn.Module | None,
+                  reference: nn.Module | None) -> dict[str, nn.Module | None]:
+    """The networks of ``module`` under ``module.lora_config``, by attribute name: the shared
+    peft model (``shared_lora``), the policy and reference views, and the critic (and its
+    target) made by ``module.lora_critic`` on their adapters, if the module has them
+    (``module.lora_critic_adapters``). ``base`` is the model to adapt; it is wrapped in place."""
+    refuse_injected_networks(critic, reference)
+    config: LoRAConfig = module.lora_config
+    critics = tuple(module.lora_critic_adapters)
+    targets = list(config.target_modules) if config.target_modules else linear_module_names(base)
+    critic_targets = targets + (["lm_head"] if config.critic_lm_head and module.lora_critic_reads_lm_head else [])
+    adapters = {"policy": targets, **{name: critic_targets for name in critics}}
+    peft_model = lora_model(base, adapters, config.r, config.alpha, config.dropout, owner=type(module).__name__)
+    shared = SharedLoRA(peft_model.train(), trained=("policy", *critics[:1]))
+    networks: dict[str, nn.Module | None] = {
+        "shared_lora": shared,
+        "policy": AdapterView(shared, "policy").train(),
+        "reference": AdapterView(shared, None).requires_grad_(False).eval(),
+        "critic": module.lora_critic(shared, critics[0]).train() if critics else None,
+    }
+    for name in critics[1:]:  # Polyak copies: start as the critic's adapter, never trained
+        with torch.no_grad():
+            for copied, online in zip(shared.adapter_parameters(name), shared.adapter_parameters(critics[0]),
+                                      strict=True):
+                if not (online.is_meta or copied.is_meta):  # meta: shapes only (memory benchmark)
+                    copied.copy_(online)
+        networks[name] = module.lora_critic(shared, name).requires_grad_(False).eval()
+    return networks
+
+
+def deprecated_lora_config(lora: LoRAConfig | Mapping[str, Any] | None, lora_r: int, lora_alpha: float,
+                           lora_dropout: float, target_modules: list[str] | None,
+                           critic_lm_head: bool = True) -> LoRAConfig:
+    """The ``LoRAConfig`` of the deprecated ``LoRA*Module`` arguments; ``lora`` wins when given
+    (a checkpoint of an alias stores both, the same settings)."""
+    if lora is not None:
+        return LoRAConfig.coerce(lora)
+    if not (isinstance(lora_r, int) and lora_r >= 1):
+        raise ValueError(f"lora_r must be >= 1, got lora_r={lora_r!r}")
+    return LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=target_modules,
+                      critic_lm_head=critic_lm_head)

@@ -4,7 +4,7 @@
                  Bellman and lambda targets, the Q and policy losses);
 * ``critic.py``  ``TokenQCritic``, the token Q-head: Q(h, w) for every vocabulary token;
 * ``module.py``  ``ETPOModule``: policy, critic, target critic and reference on ``TokenRLModule``;
-* ``lora.py``    ``LoRAETPOModule``: the four networks as LoRA adapters on one frozen base.
+* ``lora.py``    ``LoRAETPOModule``: deprecated alias of ``ETPOModule(lora=LoRAConfig(...))``.
 """
 
 from __future__ import annotations

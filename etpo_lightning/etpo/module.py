@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from etpo_lightning.core.base_module import TokenRLModule, frozen
 from etpo_lightning.core.batch import TransitionBatch
+from etpo_lightning.core.lora import AdapterView, LoRAConfig, SharedLoRA
 from etpo_lightning.core.lr_schedule import LRSchedule
 from etpo_lightning.core.models import share_weights
 from etpo_lightning.core.networks import unwrap_module
@@ -69,6 +70,11 @@ class ETPOModule(TokenRLModule):
             the spec's fixed point (tests/test_lambda_returns.py); the cut guarantees a
             contraction on off-policy data at the price of a shorter reach.
         chunk_size: Positions per chunk of the full-vocabulary computations (bounds memory).
+        lora: LoRA adapters on one frozen base instead of four copies (``LoRAConfig``; needs
+            peft): the policy, the critic and the target critic are adapters, the reference
+            is the base with them off. Q over the whole vocabulary is the base's LM head on
+            the critic's hidden states (plus a LoRA on the LM head, ``critic_lm_head``), so
+            ``critic_head_init`` must be ``copy``. None: full copies.
         policy: An already built policy (tests, custom models); overrides ``model_name_or_path``.
         critic: An already built critic returning Q ``[B, T, V]`` from ``(input_ids,
             attention_mask, position_ids)``; default ``build_critic(policy)``.
@@ -80,6 +86,8 @@ class ETPOModule(TokenRLModule):
     # stored value would be a different function from the one used inside the action.
     bootstraps_at_rollout = False
     model_attributes = (*TokenRLModule.model_attributes, "target_critic")
+    lora_critic_adapters = ("critic", "target_critic")
+    lora_critic_reads_lm_head = True  # Q over the vocabulary is the LM head's output
 
     def __init__(
         self,
@@ -100,6 +108,7 @@ class ETPOModule(TokenRLModule):
         lam: float = 0.0,
         traces: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        lora: LoRAConfig | None = None,
         policy: nn.Module | None = None,
         critic: nn.Module | None = None,
         reference: nn.Module | None = None,
@@ -112,13 +121,15 @@ class ETPOModule(TokenRLModule):
             raise ValueError(f"tau must be in (0, 1], got tau={tau}")
         if critic_head_init not in ("copy", "zero", "dueling"):
             raise ValueError(f"critic_head_init must be 'copy', 'zero' or 'dueling', got {critic_head_init!r}")
+        if lora is not None and critic_head_init != "copy":
+            raise ValueError("ETPOModule with lora needs critic_head_init='copy': the critic shares the base's LM head")
         if not critic_advantage_scale > 0:
             raise ValueError(f"critic_advantage_scale must be > 0, got {critic_advantage_scale}")
         if not 0 <= lam <= 1:
             raise ValueError(f"lam must be in [0, 1] (the lambda of ETPO(lambda)), got lam={lam}")
         super().__init__(model_name_or_path, policy_lr, critic_lr, gradient_clip_val, optimizer,
                          weight_decay, chunk_size, policy, critic, reference,
-                         lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio)
+                         lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio, lora=lora)
 
     # ------------------------------------------------------------------ models
     def build_critic(self, policy: nn.Module) -> nn.Module:
@@ -126,9 +137,14 @@ class ETPOModule(TokenRLModule):
         return TokenQCritic.from_policy(policy, head_init=self.hparams.critic_head_init,
                                         advantage_scale=self.hparams.critic_advantage_scale)
 
+    def lora_critic(self, shared: SharedLoRA, adapter: str) -> nn.Module:
+        """Q ``[B, T, V]`` under LoRA: the LM head's output with the critic's adapter active."""
+        return AdapterView(shared, adapter, returns_logits=True)
+
     def attach_models(self, policy: nn.Module, critic: nn.Module | None, reference: nn.Module | None) -> None:
         super().attach_models(policy, critic, reference)
-        self.target_critic = frozen(copy.deepcopy(self.critic))
+        if self.lora_config is None:  # under LoRA the target is an adapter, attached with the others
+            self.target_critic = frozen(copy.deepcopy(self.critic))
 
     def frozen_modules(self) -> list[nn.Module]:
         return super().frozen_modules() + [m for m in (self.target_critic,) if m is not None]

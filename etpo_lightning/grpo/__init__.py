@@ -3,8 +3,7 @@
 * ``losses.py``  the mathematics as pure tensor functions (group advantages, the k3 KL
                  estimator, the clipped loss and its aggregation);
 * ``module.py``  ``GRPOModule`` on ``TokenRLModule``;
-* ``lora.py``    ``LoRAGRPOModule``: the policy as a LoRA adapter on one frozen base, the
-                 reference that base with the adapter disabled.
+* ``lora.py``    ``LoRAGRPOModule``: deprecated alias of ``GRPOModule(lora=LoRAConfig(...))``.
 """
 
 from __future__ import annotations

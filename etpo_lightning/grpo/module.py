@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from etpo_lightning.core.base_module import TokenRLModule
 from etpo_lightning.core.batch import TransitionBatch
+from etpo_lightning.core.lora import LoRAConfig
 from etpo_lightning.core.lr_schedule import LRSchedule
 from etpo_lightning.core.functional import DEFAULT_CHUNK_SIZE, kl_and_entropy, masked_mean, ratio_stats, token_logprobs
 from etpo_lightning.grpo.losses import DEFAULT_STD_EPS, grpo_loss, k3_kl, row_advantages
@@ -66,11 +67,14 @@ class GRPOModule(TokenRLModule):
             at ``trainer.max_steps`` batches (needs ``max_steps``).
         min_lr_ratio: Where ``linear`` / ``cosine`` end, as a fraction of the configured rate.
         chunk_size: Positions per chunk of the full-vocabulary KL/entropy monitoring.
+        lora: LoRA on one frozen base instead of two copies (``LoRAConfig``; needs peft): the
+            policy is an adapter, the reference is the base with it off. None: full copies.
         policy: An already built policy (tests, custom models); overrides ``model_name_or_path``.
         reference: An already built reference policy; default a frozen copy of the policy.
     """
 
     bootstraps_at_rollout = False  # no values: nothing to evaluate at rollout time
+    lora_critic_adapters = ()  # no critic
     kl_coef_hparam = "beta"
 
     def __init__(
@@ -88,6 +92,7 @@ class GRPOModule(TokenRLModule):
         lr_schedule: LRSchedule = "constant",
         min_lr_ratio: float = 0.0,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        lora: LoRAConfig | None = None,
         policy: nn.Module | None = None,
         reference: nn.Module | None = None,
     ) -> None:
@@ -101,7 +106,7 @@ class GRPOModule(TokenRLModule):
             raise ValueError(f"loss_aggregation must be 'sequence' or 'token', got {loss_aggregation!r}")
         super().__init__(model_name_or_path, policy_lr, 0.0, gradient_clip_val, optimizer,
                          weight_decay, chunk_size, policy, None, reference,
-                         lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio)
+                         lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio, lora=lora)
 
     # ------------------------------------------------------------------ models
     def build_critic(self, policy: nn.Module) -> None:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from etpo_lightning.core.base_module import TokenRLModule
 from etpo_lightning.core.batch import TransitionBatch
+from etpo_lightning.core.lora import AdapterView, LoRAConfig, SharedLoRA
 from etpo_lightning.core.lr_schedule import LRSchedule
 from etpo_lightning.core.functional import DEFAULT_CHUNK_SIZE, kl_and_entropy, masked_mean, ratio_stats, token_logprobs
 from etpo_lightning.ppo.losses import clipped_policy_loss, gae, token_rewards, value_loss, whiten
@@ -137,6 +138,10 @@ class PPOModule(TokenRLModule):
             2405.15821, matching ETPO's targets) or ``gamma`` (every token is a time step,
             as in RLHF PPO).
         chunk_size: Positions per chunk of the full-vocabulary KL/entropy monitoring.
+        lora: LoRA adapters on one frozen base instead of three copies (``LoRAConfig``; needs
+            peft): the policy and the critic's decoder are adapters (the critic's value head
+            is trained with its adapter), the reference is the base with them off. None:
+            full copies.
         policy: An already built policy (tests, custom models); overrides ``model_name_or_path``.
         critic: An already built critic returning values ``[B, T]`` (or ``[B, T, 1]``) from
             ``(input_ids, attention_mask, position_ids, use_cache)``; default
@@ -163,6 +168,7 @@ class PPOModule(TokenRLModule):
         normalize_advantages: bool = True,
         token_discount: Literal["none", "gamma"] = "none",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        lora: LoRAConfig | None = None,
         policy: nn.Module | None = None,
         critic: nn.Module | None = None,
         reference: nn.Module | None = None,
@@ -179,12 +185,18 @@ class PPOModule(TokenRLModule):
             raise ValueError(f"token_discount must be 'none' or 'gamma', got {token_discount!r}")
         super().__init__(model_name_or_path, policy_lr, critic_lr, gradient_clip_val, optimizer,
                          weight_decay, chunk_size, policy, critic, reference,
-                         lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio)
+                         lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio, lora=lora)
 
     # ------------------------------------------------------------------ models
     def build_critic(self, policy: nn.Module) -> nn.Module:
         """The critic when none is injected: a scalar value head on a copy of the policy's decoder."""
         return TokenValueCritic.from_policy(policy)
+
+    def lora_critic(self, shared: SharedLoRA, adapter: str) -> nn.Module:
+        """The critic under LoRA: a value head (zero-initialised, trained) on the base's decoder
+        with ``adapter`` active."""
+        hidden = shared.base_model().config.hidden_size
+        return TokenValueCritic(AdapterView(shared, adapter, decoder=True), hidden)
 
     def critic_values(self, outputs: Tensor) -> Tensor:
         """Critic outputs ``[B, T]`` or ``[B, T, 1]`` as float32 values ``[B, T]``."""
