@@ -148,6 +148,29 @@ def test_vllm_follows_the_weights_after_an_optimizer_step(engine, assets, tokeni
         assert (logp - old_logp).abs().max().item() > 1e-2
 
 
+def test_vllm_samples_the_merged_lora_policy(engine, assets, tokenizer):
+    """Under LoRA the engine gets the base with the trained policy adapter merged: its
+    log-probs are the adapter view's own, not the base's."""
+    from etpo_lightning import ETPOModule, LoRAConfig
+
+    module = ETPOModule(model_name_or_path=assets[0], beta=0.1, gamma=0.99, policy_lr=1e-2, critic_lr=1e-3,
+                        lora=LoRAConfig(r=4))
+    module.configure_model()
+    batch = prompts(tokenizer)
+    policy = module.sampling_network().train()
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=3e-2)
+    for _ in range(2):  # the first step moves only lora_B (A's gradient is 0 while B is)
+        optimizer.zero_grad()
+        sum(policy(p[None]).logits[0, -1].logsumexp(-1) - policy(p[None]).logits[0, -1, 5] for p in batch).backward()
+        optimizer.step()
+    engine.load_weights(module)
+    samples = engine.sample(module, batch, sampling(tokenizer, max_new_tokens=24, seed=4))
+    for prompt, action, logp in zip(batch, samples.actions, samples.logprobs):
+        assert (logp - processed_logprobs(policy, prompt, action, 1.0, 0, 1.0)).abs().max().item() <= 1e-4
+        assert (logp - processed_logprobs(module.reference, prompt, action, 1.0, 0, 1.0)).abs().max().item() > 1e-2
+
+
 def test_vllm_refuses_prompts_longer_than_its_model_len(engine, assets, tokenizer):
     module = etpo_module(assets)
     with pytest.raises(ValueError, match="max_model_len=256"):
