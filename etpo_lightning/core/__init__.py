@@ -10,6 +10,7 @@
 * ``networks.py``     calling networks the module did not build (compiled, wrapped, custom);
 * ``rank_stats.py``   logged statistics combined over ranks (weighted means, max, min, sums);
 * ``batch.py``        ``Transition`` and ``TransitionBatch``, what rollouts hand to training;
-* ``models.py``       loading causal LMs and tokenizers (and the tiny coder alias);
+* ``models.py``       loading causal LMs and tokenizers;
+* ``model_aliases.py`` short model names (``tiny-sklearn-coder``) that providers register;
 * ``lora.py``         networks as LoRA adapter views on one frozen base (the LoRA modules).
 """

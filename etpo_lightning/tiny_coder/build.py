@@ -139,11 +139,13 @@ def build_environment(torch_threads: int) -> dict:
         capability = torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):
         capability = "unknown"
-    # ATEN_CPU_CAPABILITY lowers the kernels torch picks (avx2 on an AVX-512 CPU): recorded to
-    # say how a capability other than the CPU's own was reached.
+    # ATEN_CPU_CAPABILITY lowers the kernels torch picks (avx2 on an AVX-512 CPU), and
+    # MKL_ENABLE_INSTRUCTIONS those of MKL, which does matrix products and ignores the former:
+    # recorded to say how a capability other than the CPU's own was reached.
     return {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
             "torch_threads": torch_threads, "cpu_capability": capability,
-            "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"), "machine": platform.machine(),
+            "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"),
+            "mkl_enable_instructions_env": os.environ.get("MKL_ENABLE_INSTRUCTIONS"), "machine": platform.machine(),
             "python_version": platform.python_version(), "sklearn_version": _version("scikit-learn")}
 
 
