@@ -421,11 +421,15 @@ def test_modules_default_to_the_shipped_model_in_a_fresh_interpreter(tmp_path):
 
 @pytest.fixture(scope="module")
 def rebuild(tmp_path_factory):
-    """The default model rebuilt by the CLI as the shipped one was: same threads, and
-    ``ATEN_CPU_CAPABILITY`` set to the shipped build's capability (a newer CPU can match it)."""
+    """The default model rebuilt by the CLI as the shipped one was: same threads, and the
+    shipped build's ``ATEN_CPU_CAPABILITY`` and ``MKL_ENABLE_INSTRUCTIONS`` (a newer CPU can
+    match an older one's kernels)."""
     shipped = shipped_build_info()["reproducible_with"]
     out = tmp_path_factory.mktemp("rebuild") / "model"
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": shipped["cpu_capability"].lower()}
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")}
+    env["ATEN_CPU_CAPABILITY"] = shipped.get("aten_cpu_capability_env") or shipped["cpu_capability"].lower()
+    if shipped.get("mkl_enable_instructions_env"):
+        env["MKL_ENABLE_INSTRUCTIONS"] = shipped["mkl_enable_instructions_env"]
     subprocess.run([sys.executable, "-m", "etpo_lightning.tiny_coder", "--out", str(out), "--quiet",
                     "--threads", str(shipped["torch_threads"])], check=True, env=env, cwd=_ROOT)
     return out
