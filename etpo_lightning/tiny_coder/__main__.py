@@ -15,15 +15,17 @@ from etpo_lightning.tiny_coder.build import BUILD_INFO, build_tiny_coder, ensure
 from etpo_lightning.tiny_coder.pretrain import TinyCoderConfig
 from etpo_lightning.tiny_coder.shipped import SHIPPED_DIR, missing_shipped_files, shipped_build_info
 
-# What a build's bits depend on besides seed and options (docs/tiny_coder.md).
-REPRODUCIBILITY_KEYS = ("torch_version", "transformers_version", "torch_threads", "cpu_capability")
+# What a build's bits depend on besides seed and options (docs/tiny_coder.md). MKL's
+# instruction set is known only when MKL_ENABLE_INSTRUCTIONS set it.
+REPRODUCIBILITY_KEYS = ("torch_version", "transformers_version", "torch_threads", "cpu_capability",
+                        "mkl_enable_instructions_env")
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def invocation(argv: list[str]) -> str:
-    """The command line as one string, with the ``ATEN_CPU_CAPABILITY`` it ran under."""
-    line = shlex.join(["python", "-m", "etpo_lightning.tiny_coder", *argv])
-    capability = os.environ.get("ATEN_CPU_CAPABILITY")
-    return f"ATEN_CPU_CAPABILITY={shlex.quote(capability)} {line}" if capability else line
+    """The command line as one string, with the kernel-choosing variables it ran under."""
+    variables = [f"{k}={shlex.quote(os.environ[k])}" for k in KERNEL_VARIABLES if os.environ.get(k)]
+    return " ".join([*variables, shlex.join(["python", "-m", "etpo_lightning.tiny_coder", *argv])])
 
 
 def compare_with_shipped(info: dict) -> dict:
