@@ -13,7 +13,6 @@ from etpo_lightning.tiny_coder.build import (
     cache_root,
     checkpoint_dir,
     ensure_tiny_coder,
-    load_tiny_coder,
     make_config,
     weights_checksum,
 )
@@ -28,7 +27,7 @@ from etpo_lightning.tiny_coder.corpus import (
 from etpo_lightning.tiny_coder.failures import FAILURE_KINDS
 from etpo_lightning.tiny_coder.pretrain import PretrainResult, TinyCoderConfig, body_perplexity, pretrain
 from etpo_lightning.tiny_coder.sampling import parses, sample_bodies
-from etpo_lightning.tiny_coder.shipped import SHIPPED_DIR, model_dir, shipped_build_info
+from etpo_lightning.tiny_coder.shipped import SHIPPED_DIR, load_tiny_coder, model_dir, shipped_build_info
 from etpo_lightning.tiny_coder.tokenizer import train_tokenizer
 
 __all__ = [

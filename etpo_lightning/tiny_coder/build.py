@@ -259,14 +259,3 @@ def ensure_tiny_coder(
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def load_tiny_coder(cache_dir: str | os.PathLike | None = None, seed: int = 0, **kwargs):
-    """``(model, tokenizer)``, model in eval mode: the shipped checkpoint when called without
-    arguments, else the cached build for these options (built first if needed)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from etpo_lightning.tiny_coder.shipped import model_dir
-
-    path = model_dir() if cache_dir is None and seed == 0 and not kwargs else ensure_tiny_coder(cache_dir, seed, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)

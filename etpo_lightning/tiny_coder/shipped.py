@@ -9,6 +9,7 @@ shipped files were built, so ``python -m etpo_lightning.tiny_coder`` can rebuild
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -48,3 +49,14 @@ def model_dir() -> Path:
         stacklevel=2,
     )
     return ensure_tiny_coder()
+
+
+def load_tiny_coder(cache_dir: str | os.PathLike | None = None, seed: int = 0, **kwargs):
+    """``(model, tokenizer)``, model in eval mode: the shipped checkpoint when called without
+    arguments, else the cached build for these options (built first if needed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from etpo_lightning.tiny_coder.build import ensure_tiny_coder
+
+    path = model_dir() if cache_dir is None and seed == 0 and not kwargs else ensure_tiny_coder(cache_dir, seed, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
