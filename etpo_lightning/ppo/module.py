@@ -52,7 +52,7 @@ class PPOModule(TokenRLModule):
 
     Args:
         model_name_or_path: Hugging Face hub id or local directory of the policy LM (or the
-            alias ``tiny-sklearn-coder``, built locally on first use). Ignored for a model
+            alias ``tiny-sklearn-coder``, the demo model the package ships). Ignored for a model
             passed as ``policy``. The reference and the critic's backbone start as copies.
         beta_kl: Coefficient of the per-token KL penalty -beta_kl (log pi_old - log rho)
             added to the reward; >= 0 (0 disables it).
