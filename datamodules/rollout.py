@@ -25,6 +25,7 @@ from etpo_lightning.datamodules.rollout_metrics import RolloutMetrics
 from etpo_lightning.datamodules.tokens import TokenCodec
 from etpo_lightning.envs import TextEnv, VectorEnv
 from etpo_lightning.generation import ENGINES, build_engine
+from etpo_lightning.generation.vllm_options import VLLMOptions, require_vllm
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,10 @@ class RolloutDataModule(TokenCodec, pl.LightningDataModule):
         seed: Seed of environments and sampling.
         group_size: Samples per observation (see Groups above); must divide ``num_envs``.
         generation: The engine that samples actions: ``hf`` (Hugging Face ``generate`` on
-            the live policy).
+            the live policy) or ``vllm`` (vLLM in this process, the policy's weights pushed
+            before every collection; ``pip install -e ".[vllm]"``).
+        vllm: The vLLM engine's options (``VLLMOptions``: KV-cache space, ``max_model_len``,
+            dtype, ``enforce_eager``); only with ``generation: vllm``.
     """
 
     def __init__(
@@ -145,6 +149,7 @@ class RolloutDataModule(TokenCodec, pl.LightningDataModule):
         seed: int = 0,
         group_size: int = 1,
         generation: str = "hf",
+        vllm: VLLMOptions | None = None,
     ) -> None:
         super().__init__()
         for name, value in dict(num_envs=num_envs, rollout_steps=rollout_steps, batch_size=batch_size,
@@ -164,8 +169,18 @@ class RolloutDataModule(TokenCodec, pl.LightningDataModule):
             raise ValueError(f"temperature must be > 0, got temperature={temperature}")
         if generation not in ENGINES:
             raise ValueError(f"generation must be one of {sorted(ENGINES)}, got generation={generation!r}")
+        if vllm is not None and generation != "vllm":
+            raise ValueError(f"vllm options are set but generation={generation!r}: set generation: vllm, or drop them")
+        if generation == "vllm":
+            require_vllm()
+            if vllm is not None and vllm.max_model_len is not None \
+                    and vllm.max_model_len < max_prompt_tokens + max_new_tokens:
+                raise ValueError(f"vllm.max_model_len={vllm.max_model_len} is shorter than max_prompt_tokens + "
+                                 f"max_new_tokens = {max_prompt_tokens + max_new_tokens}")
         self.save_hyperparameters(ignore=["env", "tokenizer"])
         self.env = env
+        # The object itself: the hparams may hold it as a plain dict (Lightning, the CLI).
+        self.vllm_options = vllm
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.batches_per_epoch = batches_per_epoch or max(1, num_envs * rollout_steps // batch_size)
         self.refresh_on_epoch = True
@@ -212,7 +227,11 @@ class RolloutDataModule(TokenCodec, pl.LightningDataModule):
 
     def make_engine(self) -> GenerationEngine:
         """The engine ``generation`` names (a subclass may return its own)."""
-        return build_engine(self.hparams.generation)
+        hp = self.hparams
+        if hp.generation == "vllm":
+            return build_engine("vllm", options=self.vllm_options,
+                                max_model_len=hp.max_prompt_tokens + hp.max_new_tokens)
+        return build_engine(hp.generation)
 
     def setup(self, stage: str) -> None:
         # The rollout statistics reach the loggers through this callback (``rollout/*``).
@@ -228,8 +247,15 @@ class RolloutDataModule(TokenCodec, pl.LightningDataModule):
             self._sample_rng.seed(self.rank_seed)
             self._reset_groups()
 
+    def on_exception(self, exception: BaseException) -> None:
+        # Lightning skips ``teardown`` when fit fails: free the engine here (a vLLM engine
+        # holds its KV cache and a process group).
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
     def teardown(self, stage: str) -> None:
-        # Lightning calls this at the end of fit and when fit fails.
+        # Lightning calls this at the end of fit (not when it fails: ``on_exception``).
         if self.engine is not None:
             self.engine.close()
             self.engine = None

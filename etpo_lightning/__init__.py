@@ -12,6 +12,11 @@ import ``etpo_lightning.envs`` and must not pay for torch and Lightning to do so
 from __future__ import annotations
 
 from etpo_lightning._lazy import lazy_exports
+from etpo_lightning.core.model_aliases import register_model_alias
+
+# Every module's default base model: the tiny coder's checkpoint shipped in
+# tiny_coder/model/. Named by string, so importing the package imports nothing more.
+register_model_alias("tiny-sklearn-coder", "etpo_lightning.tiny_coder.shipped:model_dir")
 
 _EXPORTS = {
     "ETPOModule": "etpo_lightning.etpo.module",

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import ast
 import collections
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from etpo_lightning.core import model_aliases, models
+from etpo_lightning.core.models import load_causal_lm, load_tokenizer, resolve_model_path
 from etpo_lightning.envs.prompts import render_task_prompt
 from etpo_lightning.tiny_coder import (
     FAILURE_KINDS,
+    SHIPPED_DIR,
     TinyCoderConfig,
     build_tiny_coder,
     checkpoint_dir,
@@ -26,10 +34,12 @@ from etpo_lightning.tiny_coder import (
     load_samples,
     parses,
     sample_bodies,
+    shipped_build_info,
     train_tokenizer,
 )
 from etpo_lightning.tiny_coder import build as build_module
 from etpo_lightning.tiny_coder import weights_checksum
+from etpo_lightning.tiny_coder.__main__ import REPRODUCIBILITY_KEYS
 from etpo_lightning.tiny_coder.__main__ import main as cli_main
 from etpo_lightning.tiny_coder.pretrain import body_perplexity, pretrain, short_prompt
 
@@ -306,11 +316,140 @@ def test_cache_location(monkeypatch, tmp_path):
         ensure_tiny_coder(tmp_path, stepz=3)
 
 
+def test_cli_builds_into_out_and_records_the_command(tmp_path, capsys):
+    out = tmp_path / "out"
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    cli_main(["--out", str(out), "--quiet", "--threads", "1", *flags])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == str(out) and not (tmp_path / ".cache").exists()
+    summary, info = json.loads(printed[1]), json.loads((out / "build_info.json").read_text())
+    assert summary["weights_sha256"] == info["weights_sha256"] == weights_checksum(out)
+    assert summary["shipped"] == "other seed or options: not comparable"
+    assert info["command"].startswith("python -m etpo_lightning.tiny_coder --out ") and "--threads 1" in info["command"]
+    assert info["reproducible_with"]["torch_threads"] == 1
+
+
+# --------------------------------------------------------------------------- the shipped model
+
+def test_shipped_model_is_the_build_its_build_info_records():
+    info = shipped_build_info()
+    assert info["seed"] == 0 and info["config"] == TinyCoderConfig().to_dict()
+    assert weights_checksum(SHIPPED_DIR) == info["weights_sha256"]
+    env = info["reproducible_with"]
+    assert set(REPRODUCIBILITY_KEYS) <= set(env) and env["cpu_capability"] in ("AVX2", "AVX512", "DEFAULT")
+    assert info["command"].startswith(("python -m etpo_lightning.tiny_coder", "ATEN_CPU_CAPABILITY="))
+    model = AutoModelForCausalLM.from_pretrained(SHIPPED_DIR).eval()
+    assert type(model).__name__ == "LlamaForCausalLM" and sum(p.numel() for p in model.parameters()) == info["n_params"]
+    tok = AutoTokenizer.from_pretrained(SHIPPED_DIR)
+    assert (len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.padding_side) == (1024, 0, 1, 2, "left")
+    gen = model.generation_config
+    assert (gen.eos_token_id, gen.pad_token_id, gen.do_sample, gen.top_k, gen.top_p) == (2, 0, True, 0, 1.0)
+    # The held-out texts shipped beside it are the build's, and its perplexity on them is the
+    # recorded one (an independent check that the weights are the trained model's).
+    held = load_samples(SHIPPED_DIR / "heldout.jsonl")
+    assert held == heldout_samples(seed=0) and len(held) == info["n_heldout_samples"]
+    config = TinyCoderConfig()
+    ppl = body_perplexity(model, tok, held, config.max_length, config.eval_batch_size)
+    assert ppl == pytest.approx(info["heldout_body_perplexity"], rel=1e-4) and ppl < 2.0
+
+
+def test_shipped_tokenizer_round_trips():
+    tok = AutoTokenizer.from_pretrained(SHIPPED_DIR)
+    texts = [s.prompt + s.body for s in load_samples(SHIPPED_DIR / "heldout.jsonl")[:20]]
+    texts += ["    m = KNeighborsClassifier(n_neighbors=7)  # é ü 漢字 \t tabs\n", ""]
+    for text in texts:
+        ids = tok(text, add_special_tokens=False).input_ids
+        assert tok.decode(ids) == text
+    # Identifiers with their '=' stay one token (the pre-tokenizer's rule).
+    assert len(tok("n_estimators=", add_special_tokens=False).input_ids) == 1
+
+
+def test_alias_loads_the_shipped_files_without_building(tmp_path, monkeypatch):
+    monkeypatch.setenv("ETPO_CACHE_DIR", str(tmp_path))
+    assert resolve_model_path("tiny-sklearn-coder") == str(SHIPPED_DIR)
+    tok = load_tokenizer("tiny-sklearn-coder")
+    assert tok.padding_side == "left" and tok.pad_token_id == 0
+    model = load_causal_lm("tiny-sklearn-coder")
+    shipped = AutoModelForCausalLM.from_pretrained(SHIPPED_DIR).state_dict()
+    assert all(torch.equal(t, shipped[k]) for k, t in model.state_dict().items())
+    assert list(tmp_path.iterdir()) == []  # nothing built, nothing cached
+
+
+def test_alias_registry(tmp_path, monkeypatch):
+    monkeypatch.setattr(model_aliases, "_ALIASES", dict(model_aliases._ALIASES))
+    model_aliases.register_model_alias("here", lambda: tmp_path)
+    model_aliases.register_model_alias("shipped-too", "etpo_lightning.tiny_coder.shipped:model_dir")
+    assert resolve_model_path("here") == str(tmp_path)
+    assert resolve_model_path("shipped-too") == str(SHIPPED_DIR)
+    assert resolve_model_path("gpt2") == "gpt2" and resolve_model_path("./x") == "./x"
+    assert {"here", "shipped-too", "tiny-sklearn-coder"} <= set(model_aliases.model_aliases())
+    with pytest.raises(ValueError, match="package.module:function"):
+        model_aliases.register_model_alias("bad", "etpo_lightning.tiny_coder.shipped")
+    # A name that loads nothing gets an error listing the aliases (no hub lookup here: offline).
+    message = str(models._friendly_oserror("no-such-model", OSError("not found")))
+    assert message.startswith("model_name_or_path='no-such-model': ") and "'here', 'shipped-too', 'tiny-sklearn-coder'" in message
+
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_core_does_not_import_the_model_providers():
+    """core resolves the alias by a registered name: no import of tiny_coder or envs, written
+    or made when the package and core's model loading are imported."""
+    for file in (_ROOT / "etpo_lightning" / "core").glob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith(("etpo_lightning.tiny_coder", "etpo_lightning.envs")), (file.name, name)
+    code = ("import sys, etpo_lightning, etpo_lightning.core.models; "
+            "print([m for m in sys.modules if m.startswith(('etpo_lightning.tiny_coder', 'etpo_lightning.envs'))])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=_ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_modules_default_to_the_shipped_model_in_a_fresh_interpreter(tmp_path):
+    code = ("from etpo_lightning import PPOModule; m = PPOModule(); m.configure_model(); "
+            "print(m.policy.config._name_or_path)")
+    env = {**os.environ, "ETPO_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=_ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(SHIPPED_DIR) and list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- the real thing
 
+@pytest.fixture(scope="module")
+def rebuild(tmp_path_factory):
+    """The default model rebuilt by the CLI as the shipped one was: same threads, and the
+    shipped build's ``ATEN_CPU_CAPABILITY`` and ``MKL_ENABLE_INSTRUCTIONS`` (a newer CPU can
+    match an older one's kernels)."""
+    shipped = shipped_build_info()["reproducible_with"]
+    out = tmp_path_factory.mktemp("rebuild") / "model"
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")}
+    env["ATEN_CPU_CAPABILITY"] = shipped.get("aten_cpu_capability_env") or shipped["cpu_capability"].lower()
+    if shipped.get("mkl_enable_instructions_env"):
+        env["MKL_ENABLE_INSTRUCTIONS"] = shipped["mkl_enable_instructions_env"]
+    subprocess.run([sys.executable, "-m", "etpo_lightning.tiny_coder", "--out", str(out), "--quiet",
+                    "--threads", str(shipped["torch_threads"])], check=True, env=env, cwd=_ROOT)
+    return out
+
+
 @pytest.mark.slow
-def test_default_build_writes_code_that_parses(tmp_path):
-    path = ensure_tiny_coder(tmp_path, seed=0)
+def test_rebuild_reproduces_the_shipped_model(rebuild):
+    here, shipped = json.loads((rebuild / "build_info.json").read_text()), shipped_build_info()
+    unlike = {k: (here["reproducible_with"][k], shipped["reproducible_with"][k]) for k in REPRODUCIBILITY_KEYS
+              if here["reproducible_with"][k] != shipped["reproducible_with"][k]}
+    if unlike:
+        pytest.skip(f"this machine cannot build under the shipped build's conditions (here, shipped): {unlike}")
+    assert weights_checksum(rebuild) == shipped["weights_sha256"] == here["weights_sha256"]
+    assert (rebuild / "tokenizer.json").read_text() == (SHIPPED_DIR / "tokenizer.json").read_text()
+    assert here["losses"] == shipped["losses"]
+
+
+@pytest.mark.slow
+def test_default_build_writes_code_that_parses(rebuild):
+    path = rebuild
     info = json.loads((path / "build_info.json").read_text())
     assert info["final_loss"] < 1.0 and info["heldout_body_perplexity"] < 2.0
     model = AutoModelForCausalLM.from_pretrained(path).eval()

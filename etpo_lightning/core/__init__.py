@@ -10,7 +10,8 @@
 * ``networks.py``     calling networks the module did not build (compiled, wrapped, custom);
 * ``rank_stats.py``   logged statistics combined over ranks (weighted means, max, min, sums);
 * ``batch.py``        ``Transition`` and ``TransitionBatch``, what rollouts hand to training;
-* ``models.py``       loading causal LMs and tokenizers (and the tiny coder alias);
+* ``models.py``       loading causal LMs and tokenizers;
+* ``model_aliases.py`` short model names (``tiny-sklearn-coder``) that providers register;
 * ``lora.py``         ``LoRAConfig``, the ``lora`` option of every module: its networks as
                       LoRA adapter views on one frozen base.
 """

@@ -1,4 +1,4 @@
-"""Loading policies and tokenizers from a Hugging Face hub id, a local path, or the built-in tiny coder."""
+"""Loading policies and tokenizers from a Hugging Face hub id, a local path or a registered alias."""
 
 from __future__ import annotations
 
@@ -18,23 +18,17 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from etpo_lightning.core.model_aliases import model_aliases, register_model_alias, resolve_model_path
 from etpo_lightning.core.networks import wrapper_layers
 
+__all__ = [
+    "TINY_CODER", "ModelNotFoundError", "accepts_logits_to_keep", "empty_causal_lm", "load_causal_lm",
+    "load_tokenizer", "match_dtypes", "model_aliases", "register_model_alias", "resolve_model_path", "share_weights",
+]
+
 TINY_CODER = "tiny-sklearn-coder"
-"""Alias of the offline base model: built locally on first use (see ``etpo_lightning.tiny_coder``)."""
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """Turn the ``tiny-sklearn-coder`` alias into its cache directory (building it if needed).
-
-    Any other string is returned unchanged for ``from_pretrained``: a local directory, or a
-    hub id that must already be in the local Hugging Face cache on machines without network.
-    """
-    if name_or_path == TINY_CODER:
-        from etpo_lightning.tiny_coder import ensure_tiny_coder
-
-        return str(ensure_tiny_coder())
-    return name_or_path
+"""The modules' default ``model_name_or_path``: an alias (``core.model_aliases``) that
+``etpo_lightning/__init__.py`` registers for the demo model shipped with the package."""
 
 
 class ModelNotFoundError(OSError):
@@ -49,8 +43,8 @@ class ModelNotFoundError(OSError):
 def _friendly_oserror(name_or_path: str, err: OSError) -> OSError:
     hint = (
         f"model_name_or_path={name_or_path!r}: could not load it: is neither a local directory with a saved model "
-        f"nor a hub id available offline. Pass a local path, the alias {TINY_CODER!r}, or "
-        "download the checkpoint first."
+        f"nor a hub id available offline. Pass a local path, an alias ({', '.join(map(repr, model_aliases()))}), "
+        "or download the checkpoint first."
     )
     if os.path.sep in name_or_path or name_or_path.startswith("."):
         hint = f"model_name_or_path={name_or_path!r}: no saved model at that path ({Path(name_or_path).resolve()})"

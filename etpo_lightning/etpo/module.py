@@ -39,7 +39,7 @@ class ETPOModule(TokenRLModule):
 
     Args:
         model_name_or_path: Hugging Face hub id or local directory of the policy LM (or the
-            alias ``tiny-sklearn-coder``, built locally on first use). Ignored for a model
+            alias ``tiny-sklearn-coder``, the demo model the package ships). Ignored for a model
             passed as ``policy``. The reference and, by default, the critic start as copies.
         beta: KL coefficient of the objective (entropy regularisation towards rho); > 0.
         gamma: Discount between environment steps (there is none between tokens of one action).

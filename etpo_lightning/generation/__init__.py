@@ -1,6 +1,8 @@
 """Generation engines: implementations of ``core.generation.GenerationEngine``.
 
 * ``hf.py``    ``HFGenerate``: Hugging Face ``generate`` on the module's live policy.
+* ``vllm.py``  ``VLLMEngine``: vLLM in the training process, weights pushed before every
+  collection (the optional extra ``[vllm]``; ``vllm_options.py`` imports without it).
 
 ``build_engine(name)`` makes the engine a ``RolloutDataModule`` asks for by name.
 """
@@ -15,6 +17,7 @@ from etpo_lightning.core.generation import GenerationEngine
 #: optional dependency).
 ENGINES = {
     "hf": ("etpo_lightning.generation.hf", "HFGenerate"),
+    "vllm": ("etpo_lightning.generation.vllm", "VLLMEngine"),
 }
 
 

@@ -2,7 +2,8 @@
 
 * ``losses.py``  the mathematics, one pure tensor function per equation (per-token rewards,
                  GAE, the clipped surrogate, the value loss);
-* ``module.py``  ``PPOModule`` and its value critic ``TokenValueCritic`` on ``TokenRLModule``.
+* ``critic.py``  ``TokenValueCritic``, the value function V(h): a decoder and a scalar head;
+* ``module.py``  ``PPOModule`` on ``TokenRLModule``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from etpo_lightning._lazy import lazy_exports
 
 _EXPORTS = {
     "PPOModule": "etpo_lightning.ppo.module",
-    "TokenValueCritic": "etpo_lightning.ppo.module",
+    "TokenValueCritic": "etpo_lightning.ppo.critic",
 }
 
 __all__ = sorted(_EXPORTS)

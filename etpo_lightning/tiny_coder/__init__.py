@@ -1,9 +1,11 @@
 """The tiny sklearn coder: an offline base model for the data-science coding environment.
 
-A ~3.4M-parameter ``LlamaForCausalLM`` with a 1024-token byte-level BPE, pretrained in a few
-minutes on CPU on a generated corpus of environment prompts and short ``build_model`` bodies
-(good, mediocre and failing ones). :func:`ensure_tiny_coder` builds it on first use and
-returns a directory that loads like any Hugging Face checkpoint. See ``docs/tiny_coder.md``.
+An about 1M-parameter ``LlamaForCausalLM`` with a 1024-token byte-level BPE, pretrained on CPU
+on a generated corpus of environment prompts and short ``build_model`` bodies (good, mediocre
+and failing ones). The package ships one build in ``model/`` (:func:`model_dir`, the target of
+the alias ``tiny-sklearn-coder``); :func:`ensure_tiny_coder` and ``python -m
+etpo_lightning.tiny_coder`` rebuild it, or build other seeds and options, in a few minutes.
+See ``docs/tiny_coder.md``.
 """
 
 from etpo_lightning.tiny_coder.build import (
@@ -11,7 +13,6 @@ from etpo_lightning.tiny_coder.build import (
     cache_root,
     checkpoint_dir,
     ensure_tiny_coder,
-    load_tiny_coder,
     make_config,
     weights_checksum,
 )
@@ -26,11 +27,13 @@ from etpo_lightning.tiny_coder.corpus import (
 from etpo_lightning.tiny_coder.failures import FAILURE_KINDS
 from etpo_lightning.tiny_coder.pretrain import PretrainResult, TinyCoderConfig, body_perplexity, pretrain
 from etpo_lightning.tiny_coder.sampling import parses, sample_bodies
+from etpo_lightning.tiny_coder.shipped import SHIPPED_DIR, load_tiny_coder, model_dir, shipped_build_info
 from etpo_lightning.tiny_coder.tokenizer import train_tokenizer
 
 __all__ = [
     "FAILURE_KINDS",
     "PretrainResult",
+    "SHIPPED_DIR",
     "Sample",
     "TinyCoderConfig",
     "body_perplexity",
@@ -44,9 +47,11 @@ __all__ = [
     "load_samples",
     "load_tiny_coder",
     "make_config",
+    "model_dir",
     "parses",
     "pretrain",
     "sample_bodies",
+    "shipped_build_info",
     "split_samples",
     "train_tokenizer",
     "weights_checksum",

@@ -1,4 +1,7 @@
-"""Build the tiny sklearn coder once and cache it as an ordinary Hugging Face checkpoint.
+"""Build the tiny sklearn coder and cache it as an ordinary Hugging Face checkpoint.
+
+The package ships one build (``shipped.py``); building is for rebuilding that one, checking
+that a machine reproduces it, or other seeds and options.
 
 Reproducibility: a build is bit-for-bit the same (same ``weights_sha256``) for the same seed
 and options when torch's version, the number of intra-op threads and the CPU's vector
@@ -136,12 +139,29 @@ def build_environment(torch_threads: int) -> dict:
         capability = torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):
         capability = "unknown"
+    # ATEN_CPU_CAPABILITY lowers the kernels torch picks (avx2 on an AVX-512 CPU), and
+    # MKL_ENABLE_INSTRUCTIONS those of MKL, which does matrix products and ignores the former:
+    # recorded to say how a capability other than the CPU's own was reached.
     return {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
-            "torch_threads": torch_threads, "cpu_capability": capability, "machine": platform.machine()}
+            "torch_threads": torch_threads, "cpu_capability": capability,
+            "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"),
+            "mkl_enable_instructions_env": os.environ.get("MKL_ENABLE_INSTRUCTIONS"), "machine": platform.machine(),
+            "python_version": platform.python_version(), "sklearn_version": _version("scikit-learn")}
 
 
-def save_build(result: PretrainResult, out_dir: Path, seed: int, config: TinyCoderConfig, build_seconds: float) -> dict:
-    """Write model, tokenizer, held-out samples and ``build_info.json`` to ``out_dir``."""
+def _version(distribution: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
+def save_build(result: PretrainResult, out_dir: Path, seed: int, config: TinyCoderConfig, build_seconds: float,
+               command: str | None = None) -> dict:
+    """Write model, tokenizer, held-out samples and ``build_info.json`` to ``out_dir``;
+    ``command`` is the invocation to record (default: the equivalent Python call)."""
     result.model.save_pretrained(out_dir)
     result.tokenizer.save_pretrained(out_dir)
     save_samples(result.heldout, out_dir / HELDOUT_FILE)
@@ -163,6 +183,7 @@ def save_build(result: PretrainResult, out_dir: Path, seed: int, config: TinyCod
         "seconds": {k: round(v, 2) for k, v in result.seconds.items()},
         "build_seconds": round(build_seconds, 2),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command or f"build_tiny_coder(out_dir, seed={seed}, num_threads={result.torch_threads})",
         "weights_sha256": weights_checksum(out_dir),
         "reproducible_with": build_environment(result.torch_threads),
     }
@@ -176,14 +197,16 @@ def build_tiny_coder(
     config: TinyCoderConfig | None = None,
     progress: bool = True,
     num_threads: int | None = None,
+    command: str | None = None,
 ) -> PretrainResult:
-    """Build into ``out_dir`` (created or overwritten, no caching); returns the in-memory result."""
+    """Build into ``out_dir`` (created or overwritten, no caching); returns the in-memory result.
+    ``command`` is recorded in ``build_info.json`` as the way it was built."""
     config = config or TinyCoderConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     result = pretrain(config, seed, progress, num_threads)
-    save_build(result, out, seed, config, time.perf_counter() - t0)
+    save_build(result, out, seed, config, time.perf_counter() - t0, command)
     (out / COMPLETE_MARKER).write_text("ok\n")
     return result
 
@@ -194,6 +217,7 @@ def ensure_tiny_coder(
     rebuild: bool = False,
     progress: bool = True,
     num_threads: int | None = None,
+    command: str | None = None,
     **kwargs,
 ) -> Path:
     """Directory of the tiny sklearn coder checkpoint, building it on first use.
@@ -207,6 +231,7 @@ def ensure_tiny_coder(
         progress: show a tqdm bar while training.
         num_threads: torch threads for the build (default: torch's setting). Not a build
             option: it does not change the checkpoint's name.
+        command: how the build was asked for, recorded in ``build_info.json``.
         **kwargs: build options, fields of :class:`TinyCoderConfig` (e.g. ``steps=20``).
 
     Returns:
@@ -226,7 +251,7 @@ def ensure_tiny_coder(
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
         try:
-            build_tiny_coder(tmp, seed, config, progress, num_threads)
+            build_tiny_coder(tmp, seed, config, progress, num_threads, command)
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
@@ -234,11 +259,3 @@ def ensure_tiny_coder(
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-
-def load_tiny_coder(cache_dir: str | os.PathLike | None = None, seed: int = 0, **kwargs):
-    """``(model, tokenizer)`` of the cached checkpoint (built first if needed), model in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = ensure_tiny_coder(cache_dir, seed, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
