@@ -51,7 +51,7 @@ from etpo_lightning.core.fsdp2 import (
     unsharded,
 )
 from etpo_lightning.core.forwards import TokenForwards
-from etpo_lightning.core.lora import LoRAConfig, SharedLoRA, lora_networks, refuse_injected_networks
+from etpo_lightning.core.lora import AdapterView, LoRAConfig, SharedLoRA, lora_networks, refuse_injected_networks
 from etpo_lightning.core.lr_schedule import LRSchedule, check_schedule, lr_factor
 from etpo_lightning.core.models import empty_causal_lm, load_causal_lm, match_dtypes, share_weights
 from etpo_lightning.core.networks import LazyNetworks
@@ -272,10 +272,8 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         data-parallel ranks, with the strategy's ``MixedPrecisionPolicy`` if it has one; networks
         built on meta get rank 0's weights (``load_full_states``). Idempotent."""
         if self.lora_config is not None:
-            # The adapter views share one base module: sharding each view would shard the
-            # base once per network.
-            raise NotImplementedError("lora under FSDP2 (ModelParallelStrategy) is not supported yet: "
-                                      "train LoRA on one device or with DDP")
+            self.shard_lora(strategy)
+            return
         nets = self.sharded_networks()
         if all(is_sharded(net) for net in nets.values()):
             return
@@ -288,6 +286,23 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
             fully_shard_network(net, mesh, mp_policy, reshard)
         if on_meta:
             load_full_states(nets, full, strategy.root_device)
+
+    def shard_lora(self, strategy: Any) -> None:
+        """Under ``lora``: shard the one peft model all views share, once (``SharedLoRA.shard``),
+        then let every view register its adapter's sharded parameters. Idempotent."""
+        shared = self.shared_lora
+        if is_sharded(shared.peft):
+            return
+        views = [m for m in self.modules() if isinstance(m, AdapterView)]
+        if any(view.decoder for view in views):
+            # A decoder view calls the transformer under the LM head directly, past the root
+            # unit's hooks, so the root's parameters (the embeddings) would stay sharded.
+            raise NotImplementedError(f"{type(self).__name__} with lora under FSDP2 is not supported: its critic "
+                                      "reads the decoder past the LM head; train it on one device or with DDP")
+        mp_policy = strategy.mixed_precision_policy() if hasattr(strategy, "mixed_precision_policy") else None
+        shared.shard(shard_mesh(strategy), mp_policy, getattr(strategy, "reshard_after_forward", True))
+        for view in views:
+            view.refresh_parameters()
 
     def load_initial_weights(self, loaded: nn.Module) -> None:
         """Fill the networks built on meta from ``loaded`` (the checkpoint's policy, rank 0 under
@@ -464,7 +479,8 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
             with summon_own_params(model):
                 yield
         elif is_fsdp2_strategy(strategy):
-            with unsharded(model):
+            # An adapter view's units are those of the peft model all views share.
+            with unsharded(model.shared.peft if isinstance(model, AdapterView) else model):
                 yield
         else:
             yield
