@@ -85,7 +85,9 @@ class OneBatchPerEpoch(IterableDataset):
 
 
 class Record(pl.Callback):
-    def __init__(self) -> None:
+    def __init__(self, generate: bool = False) -> None:
+        self.generate = generate
+        self.generated_at_start: torch.Tensor | None = None
         self.losses: list[dict[str, float]] = []
         self.times: list[float] = []
         self.batch_steps: list[int] = []
@@ -97,6 +99,8 @@ class Record(pl.Callback):
         # Gathered on every rank (a collective): what a resumed run starts from.
         self.start = gathered_weights(pl_module)
         self.start_step = trainer.global_step
+        if self.generate:  # before any forward, as the first rollout does
+            self.generated_at_start = greedy_tokens(pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.batch_steps.append(trainer.global_step)
@@ -105,6 +109,16 @@ class Record(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.times.append(time.perf_counter() - self._t0)
         self.losses.append({k: float(v) for k, v in trainer.callback_metrics.items() if k in LOSS_KEYS})
+
+
+def greedy_tokens(module: pl.LightningModule) -> torch.Tensor:
+    """Greedy continuations of two fixed prompts from the policy, as a rollout samples them
+    (a collective under FSDP2)."""
+    policy = module.sampling_network()
+    prompt = torch.tensor([[5, 9, 17, 3], [0, 0, 8, 30]], device=module.device)
+    with torch.no_grad(), module.generation_context(policy):
+        return policy.generate(input_ids=prompt, attention_mask=(prompt > 0).long(), max_new_tokens=4,
+                               do_sample=False, pad_token_id=0, **module.generation_kwargs()).cpu()
 
 
 def gathered_weights(module: pl.LightningModule) -> dict[str, dict[str, torch.Tensor]]:
@@ -143,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         from etpo_lightning.core.fsdp2 import FSDP2Strategy
 
         strategy = FSDP2Strategy() if args.strategy == "fsdp2" else ModelParallelStrategy()
-    record = Record()
+    record = Record(generate=args.lora)
     callbacks: list[pl.Callback] = [record]
     if args.save:
         callbacks.append(ModelCheckpoint(dirpath=args.out_dir / "ckpt", filename="{epoch}", save_top_k=-1))
@@ -170,12 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.lora:
         # Collectives, on every rank: the merged policy and greedy tokens from the gathered policy.
         extra["inference"] = module.inference_state_dict()
-        policy = module.sampling_network()
-        prompt = torch.tensor([[5, 9, 17, 3], [0, 0, 8, 30]], device=module.device)
-        with torch.no_grad(), module.generation_context(policy):
-            extra["generated"] = policy.generate(
-                input_ids=prompt, attention_mask=(prompt > 0).long(), max_new_tokens=4, do_sample=False,
-                pad_token_id=0, **module.generation_kwargs()).cpu()
+        extra["generated"] = greedy_tokens(module)
+        extra["generated_at_start"] = record.generated_at_start
     local_bytes = sum(local_shard(p).numel() * local_shard(p).element_size() for p in module.parameters())
     full_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     torch.save({

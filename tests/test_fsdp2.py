@@ -195,3 +195,4 @@ def test_lora_two_ranks_train_as_one_process(tmp_path: Path, model_dir: str, alg
         for key, value in one[0]["inference"].items():
             torch.testing.assert_close(r["inference"][key], value, atol=1e-5, rtol=1e-5, msg=key)
         assert torch.equal(r["generated"], one[0]["generated"])
+        assert torch.equal(r["generated_at_start"], one[0]["generated_at_start"])
