@@ -163,18 +163,19 @@ def test_fsdp2_cpu_config_trains_resumes_and_exports_through_the_cli(tmp_path: P
     assert moved  # the trained policy, not the initial weights
 
 
-@pytest.mark.parametrize("algo", ["etpo", "grpo"])
+@pytest.mark.parametrize("algo", ["etpo", "ppo", "grpo"])
 def test_lora_two_ranks_train_as_one_process(tmp_path: Path, model_dir: str, algo: str) -> None:
-    """``lora``: the one peft base sharded once for every adapter view. Two ranks give the
-    one-process losses, adapters (Polyak target included) and merged policy to 1e-5 and the same
-    greedy tokens; the frozen base stays bit-identical to the checkpoint on every rank."""
+    """``lora``: the one peft base sharded once for every adapter view (PPO's value head on
+    the decoder a unit of its own). Two ranks give the one-process losses, adapters (ETPO's
+    Polyak target included), value head and merged policy to 1e-5 and the same greedy tokens;
+    the frozen base stays bit-identical to the checkpoint on every rank."""
     pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
     one = fit(tmp_path / "one", model_dir, "--algo", algo, "--devices", "1", "--lora")
     ranks = fit(tmp_path / "two", model_dir, "--algo", algo, "--devices", "2", "--lora")
     assert all(r["dtensor"] for r in ranks) and not one[0]["dtensor"]
-    adapters = {"etpo": ("policy", "critic", "target_critic"), "grpo": ("policy",)}[algo]
+    adapters = {"etpo": ("policy", "critic", "target_critic"), "ppo": ("policy", "critic"), "grpo": ("policy",)}[algo]
     assert_same_training(one[0], ranks, {"shared_lora", *adapters, "reference"})
 
     initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()

@@ -289,20 +289,21 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
 
     def shard_lora(self, strategy: Any) -> None:
         """Under ``lora``: shard the one peft model all views share, once (``SharedLoRA.shard``),
-        then let every view register its adapter's sharded parameters. Idempotent."""
+        then let every view register its adapter's sharded parameters; a critic's own modules
+        around its view (PPO's value head) become units of their own. Idempotent."""
         shared = self.shared_lora
         if is_sharded(shared.peft):
             return
         views = [m for m in self.modules() if isinstance(m, AdapterView)]
-        if any(view.decoder for view in views):
-            # A decoder view calls the transformer under the LM head directly, past the root
-            # unit's hooks, so the root's parameters (the embeddings) would stay sharded.
-            raise NotImplementedError(f"{type(self).__name__} with lora under FSDP2 is not supported: its critic "
-                                      "reads the decoder past the LM head; train it on one device or with DDP")
         mp_policy = strategy.mixed_precision_policy() if hasattr(strategy, "mixed_precision_policy") else None
-        shared.shard(shard_mesh(strategy), mp_policy, getattr(strategy, "reshard_after_forward", True))
+        mesh, reshard = shard_mesh(strategy), getattr(strategy, "reshard_after_forward", True)
+        shared.shard(mesh, mp_policy, reshard, decoder_unit=any(view.decoder for view in views))
         for view in views:
             view.refresh_parameters()
+        heads = [child for net in self.sharded_networks().values() if not isinstance(net, (AdapterView, SharedLoRA))
+                 for child in net.children() if not isinstance(child, AdapterView) and next(child.parameters(), None) is not None]
+        for head in heads:
+            fully_shard_network(head, mesh, mp_policy, reshard)
 
     def load_initial_weights(self, loaded: nn.Module) -> None:
         """Fill the networks built on meta from ``loaded`` (the checkpoint's policy, rank 0 under

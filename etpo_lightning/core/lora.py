@@ -185,14 +185,31 @@ class SharedLoRA(nn.Module):
         for name, flag in self._flags:
             self.peft.get_parameter(name).requires_grad_(flag)
 
-    def shard(self, mesh: Any, mp_policy: Any = None, reshard_after_forward: bool = True) -> None:
+    def shard(self, mesh: Any, mp_policy: Any = None, reshard_after_forward: bool = True,
+              decoder_unit: bool = False) -> None:
         """``fully_shard`` the peft model once for every view: each decoder layer a unit (its
         frozen base weights and its adapters together), the peft model the root (embeddings,
         final norm, LM head and its adapters). The views call the root, whose hooks gather the
-        rest; it is made the root now, before a view's ``generate`` can reach a layer first."""
-        from etpo_lightning.core.fsdp2 import fully_shard_network
+        rest; it is made the root now, before a view's ``generate`` can reach a layer first.
 
-        fully_shard_network(self.peft, mesh, mp_policy, reshard_after_forward)
+        ``decoder_unit``: the transformer under the LM head is a unit too (embeddings, final
+        norm), for views that call it directly, past the root's hooks (``AdapterView.decoder``)."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from etpo_lightning.core.fsdp2 import decoder_layers
+
+        kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward,
+                  "mp_policy": mp_policy if mp_policy is not None else MixedPrecisionPolicy()}
+        for layer in decoder_layers(self.peft):
+            fully_shard(layer, **kwargs)
+        if decoder_unit:
+            base = self.base_model()
+            head = base.get_output_embeddings()
+            if head is not None and head.weight is base.get_input_embeddings().weight:
+                raise NotImplementedError("lora under FSDP2 with a critic on the decoder needs untied input and "
+                                          "output embeddings (tie_word_embeddings=False)")
+            fully_shard(base.base_model, **kwargs)
+        fully_shard(self.peft, **kwargs)
         self.peft._get_fsdp_state()._lazy_init()
 
     def activate(self, adapter: str) -> None:
