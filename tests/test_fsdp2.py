@@ -173,7 +173,7 @@ def test_lora_two_ranks_train_as_one_process(tmp_path: Path, model_dir: str, alg
     from transformers import AutoModelForCausalLM
 
     one = fit(tmp_path / "one", model_dir, "--algo", algo, "--devices", "1", "--lora")
-    ranks = fit(tmp_path / "two", model_dir, "--algo", algo, "--devices", "2", "--lora")
+    ranks = fit(tmp_path / "two", model_dir, "--algo", algo, "--devices", "2", "--lora", "--export")
     assert all(r["dtensor"] for r in ranks) and not one[0]["dtensor"]
     adapters = {"etpo": ("policy", "critic", "target_critic"), "ppo": ("policy", "critic"), "grpo": ("policy",)}[algo]
     assert_same_training(one[0], ranks, {"shared_lora", *adapters, "reference"})
@@ -197,3 +197,8 @@ def test_lora_two_ranks_train_as_one_process(tmp_path: Path, model_dir: str, alg
             torch.testing.assert_close(r["inference"][key], value, atol=1e-5, rtol=1e-5, msg=key)
         assert torch.equal(r["generated"], one[0]["generated"])
         assert torch.equal(r["generated_at_start"], one[0]["generated_at_start"])
+    # The HF export of the sharded run is the merged policy (rank 0 writes what every rank gathered).
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "hf" / "hf-last").state_dict()
+    assert exported.keys() == ranks[0]["inference"].keys()
+    for key, value in ranks[0]["inference"].items():
+        assert torch.equal(exported[key], value), key

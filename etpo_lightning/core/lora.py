@@ -295,7 +295,19 @@ class AdapterView(nn.Module):
 
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
         """A plain Hugging Face model with this view's adapter merged into a copy of the base
-        (loadable with ``AutoModelForCausalLM.from_pretrained``; needs one base copy of memory)."""
+        (loadable with ``AutoModelForCausalLM.from_pretrained``; needs one base copy of memory).
+        With ``state_dict`` (the merged weights, e.g. gathered from FSDP2 shards by
+        ``inference_state_dict``) only the architecture is built, on the meta device: a sharded
+        model cannot be copied and merged."""
+        if kwargs.get("state_dict") is not None:
+            from transformers import AutoModelForCausalLM
+
+            base = self.shared.base_model()
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(base.config)
+            model.generation_config = base.generation_config
+            model.save_pretrained(path, **kwargs)
+            return
         merged = copy.deepcopy(self.shared.peft)
         if self.adapter is None:
             model = merged.unload()
