@@ -270,7 +270,8 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
     def shard_networks(self, strategy: Any, on_meta: bool) -> None:
         """``fully_shard`` every network (each decoder layer a unit, the root the rest) over the
         data-parallel ranks, with the strategy's ``MixedPrecisionPolicy`` if it has one; networks
-        built on meta get rank 0's weights (``load_full_states``). Idempotent."""
+        built on meta get rank 0's weights (``load_full_states``). Under ``lora``: the shared
+        peft model, once (``shard_lora``). Idempotent."""
         if self.lora_config is not None:
             self.shard_lora(strategy)
             return
