@@ -54,13 +54,17 @@ def global_batch(step: int, vocab: int, size: int, groups: bool) -> list[Transit
     return out
 
 
-def build(algo: str, model: str, clip: float) -> pl.LightningModule:
+def build(algo: str, model: str, clip: float, lora: bool = False) -> pl.LightningModule:
     from etpo_lightning import ETPOModule, GRPOModule, PPOModule
 
-    common = {"model_name_or_path": model, "policy_lr": 1e-3, "gradient_clip_val": clip}
+    common: dict[str, Any] = {"model_name_or_path": model, "policy_lr": 1e-3, "gradient_clip_val": clip}
+    if lora:
+        from etpo_lightning.core.lora import LoRAConfig
+
+        common["lora"] = LoRAConfig(r=4, alpha=16)
     if algo == "etpo":
         return ETPOModule(**common, critic_lr=1e-3, beta=0.1, gamma=0.9, tau=0.1, lam=0.5, traces=True,
-                          critic_head_init="dueling")
+                          critic_head_init="copy" if lora else "dueling")
     if algo == "ppo":
         return PPOModule(**common, critic_lr=1e-3, beta_kl=0.1, normalize_advantages=False)
     return GRPOModule(**common, beta=0.1)
@@ -81,7 +85,9 @@ class OneBatchPerEpoch(IterableDataset):
 
 
 class Record(pl.Callback):
-    def __init__(self) -> None:
+    def __init__(self, generate: bool = False) -> None:
+        self.generate = generate
+        self.generated_at_start: torch.Tensor | None = None
         self.losses: list[dict[str, float]] = []
         self.times: list[float] = []
         self.batch_steps: list[int] = []
@@ -93,6 +99,8 @@ class Record(pl.Callback):
         # Gathered on every rank (a collective): what a resumed run starts from.
         self.start = gathered_weights(pl_module)
         self.start_step = trainer.global_step
+        if self.generate:  # before any forward, as the first rollout does
+            self.generated_at_start = greedy_tokens(pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.batch_steps.append(trainer.global_step)
@@ -101,6 +109,16 @@ class Record(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.times.append(time.perf_counter() - self._t0)
         self.losses.append({k: float(v) for k, v in trainer.callback_metrics.items() if k in LOSS_KEYS})
+
+
+def greedy_tokens(module: pl.LightningModule) -> torch.Tensor:
+    """Greedy continuations of two fixed prompts from the policy, as a rollout samples them
+    (a collective under FSDP2)."""
+    policy = module.sampling_network()
+    prompt = torch.tensor([[5, 9, 17, 3], [0, 0, 8, 30]], device=module.device)
+    with torch.no_grad(), module.generation_context(policy):
+        return policy.generate(input_ids=prompt, attention_mask=(prompt > 0).long(), max_new_tokens=4,
+                               do_sample=False, pad_token_id=0, **module.generation_kwargs()).cpu()
 
 
 def gathered_weights(module: pl.LightningModule) -> dict[str, dict[str, torch.Tensor]]:
@@ -124,12 +142,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--export", action="store_true", help="HFExport of the policy at the end (out_dir/hf)")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--accelerator", default="cpu", help="cpu (gloo) or gpu (NCCL)")
+    parser.add_argument("--lora", action="store_true", help="LoRA adapters on one shared base (r=4)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # two ranks on a two-core machine
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(0)
-    module = build(args.algo, args.model, args.clip)
+    module = build(args.algo, args.model, args.clip, args.lora)
     vocab = 64
     strategy: Any = "auto"
     if args.devices > 1:
@@ -138,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         from etpo_lightning.core.fsdp2 import FSDP2Strategy
 
         strategy = FSDP2Strategy() if args.strategy == "fsdp2" else ModelParallelStrategy()
-    record = Record()
+    record = Record(generate=args.lora)
     callbacks: list[pl.Callback] = [record]
     if args.save:
         callbacks.append(ModelCheckpoint(dirpath=args.out_dir / "ckpt", filename="{epoch}", save_top_k=-1))
@@ -161,6 +180,12 @@ def main(argv: list[str] | None = None) -> None:
     loader = DataLoader(data, batch_size=None, collate_fn=lambda b: b)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=args.ckpt, weights_only=False)
 
+    extra: dict[str, Any] = {}
+    if args.lora:
+        # Collectives, on every rank: the merged policy and greedy tokens from the gathered policy.
+        extra["inference"] = module.inference_state_dict()
+        extra["generated"] = greedy_tokens(module)
+        extra["generated_at_start"] = record.generated_at_start
     local_bytes = sum(local_shard(p).numel() * local_shard(p).element_size() for p in module.parameters())
     full_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     torch.save({
@@ -178,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         "start_step": record.start_step,
         "batch_steps": record.batch_steps,
         "kl_coef": float(module.kl_coef),
+        **extra,
     }, args.out_dir / f"rank{rank}.pt")
 
 

@@ -161,3 +161,54 @@ def test_fsdp2_cpu_config_trains_resumes_and_exports_through_the_cli(tmp_path: P
     initial = model.state_dict()
     moved = [k for k, v in loaded.state_dict().items() if not torch.equal(v, initial[k])]
     assert moved  # the trained policy, not the initial weights
+
+
+@pytest.mark.parametrize("algo", ["etpo", "ppo", "grpo"])
+def test_lora_two_ranks_train_as_one_process(tmp_path: Path, model_dir: str, algo: str) -> None:
+    """``lora``: the one peft base sharded once for every adapter view (PPO's value head on
+    the decoder a unit of its own). Two ranks give the one-process losses, adapters (ETPO's
+    Polyak target included), value head and merged policy to 1e-5 and the same greedy tokens;
+    the frozen base stays bit-identical to the checkpoint on every rank; ETPO resumes exactly
+    from a sharded checkpoint."""
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    one = fit(tmp_path / "one", model_dir, "--algo", algo, "--devices", "1", "--lora")
+    ranks = fit(tmp_path / "two", model_dir, "--algo", algo, "--devices", "2", "--lora", "--export",
+                *(["--save"] if algo == "etpo" else []))
+    assert all(r["dtensor"] for r in ranks) and not one[0]["dtensor"]
+    adapters = {"etpo": ("policy", "critic", "target_critic"), "ppo": ("policy", "critic"), "grpo": ("policy",)}[algo]
+    assert_same_training(one[0], ranks, {"shared_lora", *adapters, "reference"})
+
+    initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    for run in [one[0], *ranks]:
+        shared = run["weights"]["shared_lora"]
+        base = {k.replace("peft.base_model.model.", "").replace(".base_layer.", "."): v
+                for k, v in shared.items() if ".lora_" not in k}
+        assert base.keys() == initial.keys()
+        for key, value in base.items():
+            assert torch.equal(value, initial[key]), key
+        # Every adapter trained (lora_B starts at zero), the target by Polyak.
+        for adapter in adapters:
+            assert any(f".lora_B.{adapter}." in k and v.abs().sum() > 0 for k, v in shared.items()), adapter
+        assert run["weights"]["reference"] == {}
+        assert run["inference"].keys() == initial.keys()
+        assert any(not torch.equal(run["inference"][k], initial[k]) for k in initial)  # the adapter merged in
+    for r in ranks:
+        for key, value in one[0]["inference"].items():
+            torch.testing.assert_close(r["inference"][key], value, atol=1e-5, rtol=1e-5, msg=key)
+        assert torch.equal(r["generated"], one[0]["generated"])
+        assert torch.equal(r["generated_at_start"], one[0]["generated_at_start"])
+    if algo == "etpo":  # a sharded checkpoint after batch 2 resumes to the same batch 3, bit for bit
+        resumed = fit(tmp_path / "resumed", model_dir, "--devices", "2", "--lora",
+                      "--ckpt", str(tmp_path / "two" / "ckpt" / "epoch=1.ckpt"))
+        for a, b in zip(ranks, resumed):
+            assert b["start_step"] == 4 and b["losses"] == a["losses"][-1:]
+            for name, state in a["weights"].items():
+                for key, value in state.items():
+                    assert torch.equal(b["weights"][name][key], value), f"{name}.{key}"
+    # The HF export of the sharded run is the merged policy (rank 0 writes what every rank gathered).
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "hf" / "hf-last").state_dict()
+    assert exported.keys() == ranks[0]["inference"].keys()
+    for key, value in ranks[0]["inference"].items():
+        assert torch.equal(exported[key], value), key

@@ -51,7 +51,7 @@ from etpo_lightning.core.fsdp2 import (
     unsharded,
 )
 from etpo_lightning.core.forwards import TokenForwards
-from etpo_lightning.core.lora import LoRAConfig, SharedLoRA, lora_networks, refuse_injected_networks
+from etpo_lightning.core.lora import AdapterView, LoRAConfig, SharedLoRA, lora_networks, refuse_injected_networks
 from etpo_lightning.core.lr_schedule import LRSchedule, check_schedule, lr_factor
 from etpo_lightning.core.models import empty_causal_lm, load_causal_lm, match_dtypes, share_weights
 from etpo_lightning.core.networks import LazyNetworks
@@ -270,12 +270,11 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
     def shard_networks(self, strategy: Any, on_meta: bool) -> None:
         """``fully_shard`` every network (each decoder layer a unit, the root the rest) over the
         data-parallel ranks, with the strategy's ``MixedPrecisionPolicy`` if it has one; networks
-        built on meta get rank 0's weights (``load_full_states``). Idempotent."""
+        built on meta get rank 0's weights (``load_full_states``). Under ``lora``: the shared
+        peft model, once (``shard_lora``). Idempotent."""
         if self.lora_config is not None:
-            # The adapter views share one base module: sharding each view would shard the
-            # base once per network.
-            raise NotImplementedError("lora under FSDP2 (ModelParallelStrategy) is not supported yet: "
-                                      "train LoRA on one device or with DDP")
+            self.shard_lora(strategy)
+            return
         nets = self.sharded_networks()
         if all(is_sharded(net) for net in nets.values()):
             return
@@ -288,6 +287,24 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
             fully_shard_network(net, mesh, mp_policy, reshard)
         if on_meta:
             load_full_states(nets, full, strategy.root_device)
+
+    def shard_lora(self, strategy: Any) -> None:
+        """Under ``lora``: shard the one peft model all views share, once (``SharedLoRA.shard``),
+        then let every view register its adapter's sharded parameters; a critic's own modules
+        around its view (PPO's value head) become units of their own. Idempotent."""
+        shared = self.shared_lora
+        if is_sharded(shared.peft):
+            return
+        views = [m for m in self.modules() if isinstance(m, AdapterView)]
+        mp_policy = strategy.mixed_precision_policy() if hasattr(strategy, "mixed_precision_policy") else None
+        mesh, reshard = shard_mesh(strategy), getattr(strategy, "reshard_after_forward", True)
+        shared.shard(mesh, mp_policy, reshard, decoder_unit=any(view.decoder for view in views))
+        for view in views:
+            view.refresh_parameters()
+        heads = [child for net in self.sharded_networks().values() if not isinstance(net, (AdapterView, SharedLoRA))
+                 for child in net.children() if not isinstance(child, AdapterView) and next(child.parameters(), None) is not None]
+        for head in heads:
+            fully_shard_network(head, mesh, mp_policy, reshard)
 
     def load_initial_weights(self, loaded: nn.Module) -> None:
         """Fill the networks built on meta from ``loaded`` (the checkpoint's policy, rank 0 under
@@ -464,7 +481,8 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
             with summon_own_params(model):
                 yield
         elif is_fsdp2_strategy(strategy):
-            with unsharded(model):
+            # An adapter view's units are those of the peft model all views share.
+            with unsharded(model.shared.peft if isinstance(model, AdapterView) else model):
                 yield
         else:
             yield

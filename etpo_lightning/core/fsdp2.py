@@ -2,7 +2,8 @@
 
 ``TokenRLModule.configure_model`` shards every network it holds (policy, critic, target
 critic, reference): each decoder layer is a unit of its own, and the network's root holds the
-rest (embeddings, final norm, output head, a critic's value head). Parameters become
+rest (embeddings, final norm, output head, a critic's value head); under LoRA the one peft
+model the adapter views share is sharded once (``SharedLoRA.shard``). Parameters become
 ``DTensor``s sharded along dim 0 over the data-parallel ranks; gradients come back sharded
 the same way (reduce-scatter, averaged over ranks), so the optimizers, gradient clipping and
 the Polyak update all work on local shards.

@@ -131,10 +131,12 @@ class SharedLoRA(nn.Module):
         self.adapters = tuple(peft_model.peft_config)
         self.trained = tuple(trained)
         self._active: str | None = None
-        self._flags: list[tuple[nn.Parameter, bool]] = []
+        # By name: FSDP2 registers a module's gathered parameters in place of its shards
+        # while a unit is unsharded, and peft flips whichever is registered.
+        self._flags: list[tuple[str, bool]] = []
         for name, p in self.peft.named_parameters():
             p.requires_grad_(self.adapter_of(name) in self.trained)
-            self._flags.append((p, p.requires_grad))
+            self._flags.append((name, p.requires_grad))
 
     def base_model(self) -> nn.Module:
         """The shared frozen base, adapters injected (a view with no adapter gives its plain outputs)."""
@@ -144,15 +146,26 @@ class SharedLoRA(nn.Module):
     def merged_state_dict(self, adapter: str) -> dict[str, Tensor]:
         """The base's weights with ``adapter`` merged, under the plain Hugging Face names, on
         the CPU: what ``merge_and_unload`` of that adapter would hold, computed without a copy
-        of the model (W + peft's ``get_delta_weight``, as its merge adds it)."""
+        of the model (W + B A * scaling, peft's ``get_delta_weight``, as its merge adds it)."""
+        from etpo_lightning.core.fsdp2 import full_tensor
+
         base = self.base_model()
+        # Whole tensors first: under FSDP2 every one is a DTensor shard (a collective: every
+        # rank calls this and gets the whole model).
+        state = {k: full_tensor(v) for k, v in base.state_dict().items()}
         deltas: dict[str, Tensor] = {}
         for name, module in base.named_modules():
             lora_a = getattr(module, "lora_A", None)
             if isinstance(lora_a, nn.ModuleDict) and adapter in lora_a:
-                deltas[f"{name}.base_layer.weight"] = module.get_delta_weight(adapter)
+                a, b = state[f"{name}.lora_A.{adapter}.weight"], state[f"{name}.lora_B.{adapter}.weight"]
+                # peft's get_delta_weight of a Linear, on the gathered factors (half precision
+                # on the CPU computed in float32, as peft does).
+                if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16):
+                    a, b = a.float(), b.float()
+                delta = b @ a
+                deltas[f"{name}.base_layer.weight"] = (delta.T if module.fan_in_fan_out else delta) * module.scaling[adapter]
         merged: dict[str, Tensor] = {}
-        for key, tensor in base.state_dict().items():
+        for key, tensor in state.items():
             if ".lora_" in key:
                 continue  # the adapters' own parameters: merged below or not part of this network
             if key in deltas:
@@ -169,8 +182,35 @@ class SharedLoRA(nn.Module):
         return [p for name, p in self.peft.named_parameters() if self.adapter_of(name) == adapter]
 
     def _restore_flags(self) -> None:
-        for p, flag in self._flags:
-            p.requires_grad_(flag)
+        for name, flag in self._flags:
+            self.peft.get_parameter(name).requires_grad_(flag)
+
+    def shard(self, mesh: Any, mp_policy: Any = None, reshard_after_forward: bool = True,
+              decoder_unit: bool = False) -> None:
+        """``fully_shard`` the peft model once for every view: each decoder layer a unit (its
+        frozen base weights and its adapters together), the peft model the root (embeddings,
+        final norm, LM head and its adapters). The views call the root, whose hooks gather the
+        rest; it is made the root now, before a view's ``generate`` can reach a layer first.
+
+        ``decoder_unit``: the transformer under the LM head is a unit too (embeddings, final
+        norm), for views that call it directly, past the root's hooks (``AdapterView.decoder``)."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from etpo_lightning.core.fsdp2 import decoder_layers
+
+        kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward,
+                  "mp_policy": mp_policy if mp_policy is not None else MixedPrecisionPolicy()}
+        for layer in decoder_layers(self.peft):
+            fully_shard(layer, **kwargs)
+        if decoder_unit:
+            base = self.base_model()
+            head = base.get_output_embeddings()
+            if head is not None and head.weight is base.get_input_embeddings().weight:
+                raise NotImplementedError("lora under FSDP2 with a critic on the decoder needs untied input and "
+                                          "output embeddings (tie_word_embeddings=False)")
+            fully_shard(base.base_model, **kwargs)
+        fully_shard(self.peft, **kwargs)
+        self.peft._get_fsdp_state()._lazy_init()
 
     def activate(self, adapter: str) -> None:
         if self._active != adapter:
@@ -222,7 +262,11 @@ class AdapterView(nn.Module):
         self.adapter = adapter
         self.returns_logits = returns_logits
         self.decoder = decoder
-        self.adapter_params = nn.ParameterList(shared.adapter_parameters(adapter) if adapter else [])
+        self.refresh_parameters()
+
+    def refresh_parameters(self) -> None:
+        """Register the adapter's current parameters (``fully_shard`` replaces them by DTensors)."""
+        self.adapter_params = nn.ParameterList(self.shared.adapter_parameters(self.adapter) if self.adapter else [])
 
     @property
     def trained(self) -> bool:
@@ -251,7 +295,19 @@ class AdapterView(nn.Module):
 
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
         """A plain Hugging Face model with this view's adapter merged into a copy of the base
-        (loadable with ``AutoModelForCausalLM.from_pretrained``; needs one base copy of memory)."""
+        (loadable with ``AutoModelForCausalLM.from_pretrained``; needs one base copy of memory).
+        With ``state_dict`` (the merged weights, e.g. gathered from FSDP2 shards by
+        ``inference_state_dict``) only the architecture is built, on the meta device: a sharded
+        model cannot be copied and merged."""
+        if kwargs.get("state_dict") is not None:
+            from transformers import AutoModelForCausalLM
+
+            base = self.shared.base_model()
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(base.config)
+            model.generation_config = base.generation_config
+            model.save_pretrained(path, **kwargs)
+            return
         merged = copy.deepcopy(self.shared.peft)
         if self.adapter is None:
             model = merged.unload()
