@@ -1,9 +1,11 @@
-"""Does the generation engine change learning? The quickstart at one seed with ``generate`` and
-with vLLM, their rollout reward curves beside the spread of the 5-seed results.
+"""Does the generation engine change learning? The quickstart with ``generate`` and with vLLM
+at the same seeds, their rollout reward curves beside the spread of the 5-seed results.
 
     etpo fit --config configs/quickstart.yaml --trainer.default_root_dir runs/engine_cmp/hf
     etpo fit --config configs/quickstart_vllm.yaml --trainer.default_root_dir runs/engine_cmp/vllm  # in .venv-vllm
-    python bench/engine_compare.py --run generate=runs/engine_cmp/hf --run vLLM=runs/engine_cmp/vllm
+    # the same with --seed_everything 1 --data.seed 1 into runs/engine_cmp/{hf,vllm}_seed1, then
+    python bench/engine_compare.py --run "generate, seed 0=runs/engine_cmp/hf" --run "vLLM, seed 0=runs/engine_cmp/vllm" \
+        --run "generate, seed 1=runs/engine_cmp/hf_seed1" --run "vLLM, seed 1=runs/engine_cmp/vllm_seed1"
 
 Writes ``bench/results/engine_compare.{json,png}``: per run, the curve and its mean rollout
 reward over the first and second half of training; the 5-seed envelope (min..max per
