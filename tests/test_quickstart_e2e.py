@@ -1,4 +1,4 @@
-"""The README's main job, end to end, from a clean cache (slow: builds the tiny coder first)."""
+"""The README's main job, end to end, from a clean cache: the shipped tiny coder, no build (slow)."""
 
 import os
 import subprocess
@@ -25,8 +25,8 @@ def test_quickstart_from_a_clean_cache(tmp_path):
     proc = subprocess.run(["etpo", "fit", "--config", str(config), "--trainer.enable_progress_bar=false"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # The tiny coder was built into the clean cache and used as the policy.
-    assert any((tmp_path / "cache").rglob("model.safetensors"))
+    # Nothing was built: the shipped tiny coder is the base, so the frozen reference holds its weights.
+    assert not any((tmp_path / "cache").rglob("model.safetensors"))
     # Checkpoints, logs, curves and the Hugging Face export.
     assert (out / "checkpoints" / "last.ckpt").exists()
     metrics = pd.read_csv(next(out.rglob("metrics.csv")))
@@ -47,3 +47,11 @@ def test_quickstart_from_a_clean_cache(tmp_path):
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert len(ckpt["optimizer_states"]) == 2
     assert ckpt["RolloutDataModule"]["collections"] >= 1
+    from safetensors.torch import load_file
+
+    from etpo_lightning.tiny_coder import SHIPPED_DIR
+
+    shipped = load_file(SHIPPED_DIR / "model.safetensors")
+    reference = {k.removeprefix("reference."): v for k, v in ckpt["state_dict"].items() if k.startswith("reference.")}
+    assert set(shipped) <= set(reference)
+    assert all(torch.equal(reference[k], v) for k, v in shipped.items())
