@@ -47,7 +47,7 @@ from etpo_lightning.core.fsdp2 import (
     is_fsdp2_strategy,
     is_sharded,
     load_full_states,
-    shard_mesh,
+    shard_settings,
     unsharded,
 )
 from etpo_lightning.core.forwards import TokenForwards
@@ -278,13 +278,11 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         nets = self.sharded_networks()
         if all(is_sharded(net) for net in nets.values()):
             return
-        mesh = shard_mesh(strategy)
-        mp_policy = strategy.mixed_precision_policy() if hasattr(strategy, "mixed_precision_policy") else None
-        reshard = getattr(strategy, "reshard_after_forward", True)
+        settings = shard_settings(strategy)
         # Rank 0's full weights, taken before sharding replaces them by its shard.
         full = {name: dict(net.state_dict()) for name, net in nets.items()} if on_meta and self.global_rank == 0 else None
         for net in nets.values():
-            fully_shard_network(net, mesh, mp_policy, reshard)
+            fully_shard_network(net, **settings)
         if on_meta:
             load_full_states(nets, full, strategy.root_device)
 
@@ -296,15 +294,14 @@ class TokenRLModule(LazyNetworks, TokenForwards, pl.LightningModule):
         if is_sharded(shared.peft):
             return
         views = [m for m in self.modules() if isinstance(m, AdapterView)]
-        mp_policy = strategy.mixed_precision_policy() if hasattr(strategy, "mixed_precision_policy") else None
-        mesh, reshard = shard_mesh(strategy), getattr(strategy, "reshard_after_forward", True)
-        shared.shard(mesh, mp_policy, reshard, decoder_unit=any(view.decoder for view in views))
+        settings = shard_settings(strategy)
+        shared.shard(**settings, decoder_unit=any(view.decoder for view in views))
         for view in views:
             view.refresh_parameters()
         heads = [child for net in self.sharded_networks().values() if not isinstance(net, (AdapterView, SharedLoRA))
                  for child in net.children() if not isinstance(child, AdapterView) and next(child.parameters(), None) is not None]
         for head in heads:
-            fully_shard_network(head, mesh, mp_policy, reshard)
+            fully_shard_network(head, **settings)
 
     def load_initial_weights(self, loaded: nn.Module) -> None:
         """Fill the networks built on meta from ``loaded`` (the checkpoint's policy, rank 0 under

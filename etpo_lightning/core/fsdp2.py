@@ -17,7 +17,7 @@ The same code runs on CPU (gloo) and GPUs (NCCL).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -108,14 +108,24 @@ def decoder_layers(net: nn.Module) -> list[nn.Module]:
     return [m for m in net.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
 
 
-def fully_shard_network(net: nn.Module, mesh: Any, mp_policy: Any = None, reshard_after_forward: bool = True) -> None:
-    """``fully_shard`` every decoder layer of ``net``, then ``net`` itself (the rest)."""
+def shard_settings(strategy: Any) -> dict[str, Any]:
+    """``fully_shard_network``'s settings from the strategy: its mesh (``shard_mesh``), its
+    ``MixedPrecisionPolicy`` if it has one, and whether units reshard after their forward."""
+    return {"mesh": shard_mesh(strategy),
+            "mp_policy": strategy.mixed_precision_policy() if hasattr(strategy, "mixed_precision_policy") else None,
+            "reshard_after_forward": getattr(strategy, "reshard_after_forward", True)}
+
+
+def fully_shard_network(net: nn.Module, mesh: Any, mp_policy: Any = None, reshard_after_forward: bool = True,
+                        inner_units: Sequence[nn.Module] = ()) -> None:
+    """``fully_shard`` every decoder layer of ``net``, then each of ``inner_units``, then ``net``
+    itself (the rest)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward,
               "mp_policy": mp_policy if mp_policy is not None else MixedPrecisionPolicy()}
-    for layer in decoder_layers(net):
-        fully_shard(layer, **kwargs)
+    for unit in [*decoder_layers(net), *inner_units]:
+        fully_shard(unit, **kwargs)
     fully_shard(net, **kwargs)
 
 

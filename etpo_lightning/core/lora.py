@@ -194,22 +194,17 @@ class SharedLoRA(nn.Module):
 
         ``decoder_unit``: the transformer under the LM head is a unit too (embeddings, final
         norm), for views that call it directly, past the root's hooks (``AdapterView.decoder``)."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from etpo_lightning.core.fsdp2 import fully_shard_network
 
-        from etpo_lightning.core.fsdp2 import decoder_layers
-
-        kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward,
-                  "mp_policy": mp_policy if mp_policy is not None else MixedPrecisionPolicy()}
-        for layer in decoder_layers(self.peft):
-            fully_shard(layer, **kwargs)
+        inner_units = []
         if decoder_unit:
             base = self.base_model()
             head = base.get_output_embeddings()
             if head is not None and head.weight is base.get_input_embeddings().weight:
                 raise NotImplementedError("lora under FSDP2 with a critic on the decoder needs untied input and "
                                           "output embeddings (tie_word_embeddings=False)")
-            fully_shard(base.base_model, **kwargs)
-        fully_shard(self.peft, **kwargs)
+            inner_units.append(base.base_model)
+        fully_shard_network(self.peft, mesh, mp_policy, reshard_after_forward, inner_units=inner_units)
         self.peft._get_fsdp_state()._lazy_init()
 
     def activate(self, adapter: str) -> None:
