@@ -250,15 +250,16 @@ class RolloutDataModule(TokenCodec, pl.LightningDataModule):
     def on_exception(self, exception: BaseException) -> None:
         # Lightning skips ``teardown`` when fit fails: free the engine here (a vLLM engine
         # holds its KV cache and a process group).
+        self._close_engine()
+
+    def _close_engine(self) -> None:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
 
     def teardown(self, stage: str) -> None:
         # Lightning calls this at the end of fit (not when it fails: ``on_exception``).
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+        self._close_engine()
         if self.vector_env is not None:
             self.vector_env.close()
             self.vector_env = None

@@ -1,4 +1,4 @@
-"""vLLM as the rollout engine, in the training process (colocated, one engine per rank).
+"""vLLM as the rollout engine, in the training process (one trainer process: multi-rank runs are refused).
 
 The engine is built on first use from the policy's config alone (random weights, no
 checkpoint written) and every ``load_weights`` pushes ``inference_state_dict()`` into it:
