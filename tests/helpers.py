@@ -71,6 +71,23 @@ def run_ddp_fit(args: list[str], timeout: int = 300, script: Path = DDP_FIT) -> 
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
+def keyword_cli_config(tmp_path: Path, class_path: str, init_args: dict) -> dict:
+    """A one-batch ``etpo fit`` config: the module ``class_path`` with ``init_args``, the one-word
+    KeywordEnv, and a ModelCheckpoint writing ``tmp_path/ckpt/last.ckpt`` (for
+    ``fit_then_resume_through_cli``)."""
+    return {
+        "seed_everything": 0,
+        "model": {"class_path": class_path, "init_args": init_args},
+        "data": {"env": {"class_path": "etpo_lightning.envs.KeywordEnv",
+                         "init_args": {"words": ["apple"], "max_steps": 1}},
+                 "num_envs": 2, "rollout_steps": 1, "batch_size": 2, "batches_per_epoch": 1, "max_new_tokens": 4},
+        "trainer": {"accelerator": "cpu", "max_steps": 1, "logger": False, "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path / "run"),
+                    "callbacks": [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}]},
+    }
+
+
 def fit_then_resume_through_cli(config: dict, tmp_path: Path, max_steps: int):
     """``etpo fit`` with ``config`` (its ModelCheckpoint writes ``tmp_path/ckpt/last.ckpt``),
     then ``etpo fit --ckpt_path last.ckpt`` of the same config up to ``max_steps``; returns the

@@ -427,24 +427,14 @@ def test_an_old_style_config_still_parses(name: str, old_class: str, tmp_path: P
 def test_cli_fit_and_resume_with_a_lora_block(tmp_path: Path, tokenizer) -> None:
     """The YAML shape of the configs (``model.init_args.lora: {r: .., alpha: ..}``) through
     ``etpo fit``, then ``etpo fit --ckpt_path last.ckpt`` (hyperparameters saved as plain types)."""
-    from helpers import fit_then_resume_through_cli
+    from helpers import fit_then_resume_through_cli, keyword_cli_config
 
     model_dir = tmp_path / "model"
     tokenizer.save_pretrained(model_dir)
     dropout_llama(len(tokenizer)).save_pretrained(model_dir)
-    config = {
-        "seed_everything": 0,
-        "model": {"class_path": "etpo_lightning.ppo.PPOModule",
-                  "init_args": {"model_name_or_path": str(model_dir), "policy_lr": 1e-2, "critic_lr": 1e-2,
-                                "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}},
-        "data": {"env": {"class_path": "etpo_lightning.envs.KeywordEnv",
-                         "init_args": {"words": ["apple"], "max_steps": 1}},
-                 "num_envs": 2, "rollout_steps": 1, "batch_size": 2, "batches_per_epoch": 1, "max_new_tokens": 4},
-        "trainer": {"accelerator": "cpu", "max_steps": 1, "logger": False, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp_path / "run"),
-                    "callbacks": [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}]},
-    }
+    config = keyword_cli_config(tmp_path, "etpo_lightning.ppo.PPOModule", {
+        "model_name_or_path": str(model_dir), "policy_lr": 1e-2, "critic_lr": 1e-2,
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}})
     cli = fit_then_resume_through_cli(config, tmp_path, max_steps=2)
     module = cli.model
     assert module.trainer.global_step == 4  # 2 batches x 2 optimizer steps: it continued from 1

@@ -29,7 +29,7 @@ from etpo_lightning import ETPOModule, TransitionBatch
 from etpo_lightning.datamodules.rollout import RolloutDataModule
 from etpo_lightning.envs import KeywordEnv
 from etpo_lightning.tiny_coder.tokenizer import train_tokenizer
-from helpers import fit_then_resume_through_cli, random_transition_batch
+from helpers import fit_then_resume_through_cli, keyword_cli_config, random_transition_batch
 
 VOCAB = 64
 HPARAMS = dict(beta=0.1, gamma=0.9, policy_lr=3e-3, critic_lr=3e-3, tau=0.1)
@@ -180,17 +180,6 @@ def test_cli_resume_from_ckpt_path(tmp_path: Path, tokenizer) -> None:
     model_dir = tmp_path / "model"
     tokenizer.save_pretrained(model_dir)
     dropout_llama(len(tokenizer)).save_pretrained(model_dir)
-    config = {
-        "seed_everything": 0,
-        "model": {"class_path": "etpo_lightning.ETPOModule",
-                  "init_args": {"model_name_or_path": str(model_dir), **HPARAMS}},
-        "data": {"env": {"class_path": "etpo_lightning.envs.KeywordEnv",
-                         "init_args": {"words": ["apple"], "max_steps": 1}},
-                 "num_envs": 2, "rollout_steps": 1, "batch_size": 2, "batches_per_epoch": 1, "max_new_tokens": 4},
-        "trainer": {"accelerator": "cpu", "max_steps": 1, "logger": False, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp_path / "run"),
-                    "callbacks": [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-                                   "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True}}]},
-    }
+    config = keyword_cli_config(tmp_path, "etpo_lightning.ETPOModule", {"model_name_or_path": str(model_dir), **HPARAMS})
     resumed = fit_then_resume_through_cli(config, tmp_path, max_steps=2)
     assert resumed.trainer.global_step == 4  # 2 batches x 2 optimizer steps: it continued from 1
