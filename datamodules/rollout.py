@@ -24,8 +24,8 @@ from etpo_lightning.core.rank_stats import Reduce
 from etpo_lightning.datamodules.rollout_metrics import RolloutMetrics
 from etpo_lightning.datamodules.tokens import TokenCodec
 from etpo_lightning.envs import TextEnv, VectorEnv
-from etpo_lightning.generation import ENGINES, build_engine
-from etpo_lightning.generation.vllm_options import VLLMOptions, require_vllm
+from etpo_lightning.generation import build_engine, engine_class
+from etpo_lightning.generation.vllm_options import VLLMOptions
 
 log = logging.getLogger(__name__)
 
@@ -167,20 +167,14 @@ class RolloutDataModule(TokenCodec, pl.LightningDataModule):
                              f"group_size environments shares its observations), got group_size={group_size}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got temperature={temperature}")
-        if generation not in ENGINES:
-            raise ValueError(f"generation must be one of {sorted(ENGINES)}, got generation={generation!r}")
         if vllm is not None and generation != "vllm":
             raise ValueError(f"vllm options are set but generation={generation!r}: set generation: vllm, or drop them")
-        if generation == "vllm":
-            require_vllm()
-            if vllm is not None and vllm.max_model_len is not None \
-                    and vllm.max_model_len < max_prompt_tokens + max_new_tokens:
-                raise ValueError(f"vllm.max_model_len={vllm.max_model_len} is shorter than max_prompt_tokens + "
-                                 f"max_new_tokens = {max_prompt_tokens + max_new_tokens}")
+        engine_class(generation).check_settings(vllm, max_prompt_tokens + max_new_tokens)
         self.save_hyperparameters(ignore=["env", "tokenizer"])
         self.env = env
-        # The object itself: the hparams may hold it as a plain dict (Lightning, the CLI).
-        self.vllm_options = vllm
+        # The engine's own options (only vLLM has any), the object itself: the hparams may hold
+        # it as a plain dict (Lightning, the CLI).
+        self.engine_options = vllm
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
         self.batches_per_epoch = batches_per_epoch or max(1, num_envs * rollout_steps // batch_size)
         self.refresh_on_epoch = True
@@ -228,10 +222,7 @@ class RolloutDataModule(TokenCodec, pl.LightningDataModule):
     def make_engine(self) -> GenerationEngine:
         """The engine ``generation`` names (a subclass may return its own)."""
         hp = self.hparams
-        if hp.generation == "vllm":
-            return build_engine("vllm", options=self.vllm_options,
-                                max_model_len=hp.max_prompt_tokens + hp.max_new_tokens)
-        return build_engine(hp.generation)
+        return build_engine(hp.generation, self.engine_options, hp.max_prompt_tokens + hp.max_new_tokens)
 
     def setup(self, stage: str) -> None:
         # The rollout statistics reach the loggers through this callback (``rollout/*``).

@@ -236,20 +236,24 @@ def test_the_engine_is_closed_when_fit_fails(assets, tmp_path):
 
 def test_quickstart_vllm_fits_checkpoints_resumes_and_exports(assets, tmp_path):
     """``etpo fit --config configs/quickstart_vllm.yaml`` (shrunk, the random Llama as the
-    policy: its programs fail fast), then resumed from its last checkpoint; the Hugging Face
-    export holds the trained policy."""
+    policy: its programs fail fast), then resumed from its last checkpoint: it samples and
+    trains as a continuous run does (the engine's request seeds come from the checkpointed
+    RNG alone); the Hugging Face export holds the trained policy."""
     sys.path.insert(0, str(ROOT / "bench"))
     from derive_config import derive_config
 
+    def command(out: Path, max_steps: int) -> list[str]:
+        config = derive_config(ROOT / "configs" / "quickstart_vllm.yaml", out, max_steps=max_steps, model=assets[0],
+                               overrides={"data.num_envs": 4, "data.batch_size": 4, "data.max_new_tokens": 32,
+                                          "data.max_prompt_tokens": 256,  # the random Llama has 512 positions
+                                          "data.replay_collections": 2,
+                                          "trainer.callbacks[RolloutRefresh].init_args.every_n_steps": 1,
+                                          "trainer.callbacks[ModelCheckpoint].init_args.every_n_train_steps": 2})
+        return [str(Path(sys.executable).with_name("etpo")), "fit", "--config", str(config),
+                "--trainer.enable_progress_bar=false"]
+
     out = tmp_path / "run"
-    config = derive_config(ROOT / "configs" / "quickstart_vllm.yaml", out, max_steps=2, model=assets[0],
-                           overrides={"data.num_envs": 4, "data.batch_size": 4, "data.max_new_tokens": 32,
-                                      "data.max_prompt_tokens": 256,  # the random Llama has 512 positions
-                                      "data.replay_collections": 2,
-                                      "trainer.callbacks[RolloutRefresh].init_args.every_n_steps": 1,
-                                      "trainer.callbacks[ModelCheckpoint].init_args.every_n_train_steps": 2})
-    run = [str(Path(sys.executable).with_name("etpo")), "fit", "--config", str(config),
-           "--trainer.enable_progress_bar=false"]
+    run = command(out, max_steps=2)
     first = subprocess.run(run, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     last = out / "checkpoints" / "last.ckpt"
@@ -268,4 +272,12 @@ def test_quickstart_vllm_fits_checkpoints_resumes_and_exports(assets, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "hf-last")
     torch.testing.assert_close(exported.model.embed_tokens.weight,
                                ckpt["state_dict"]["policy.model.embed_tokens.weight"], rtol=0, atol=0)
+
+    continuous = subprocess.run(command(tmp_path / "continuous", max_steps=4), cwd=ROOT, env=dict(os.environ),
+                                capture_output=True, text=True, timeout=900)
+    assert continuous.returncode == 0, continuous.stderr[-3000:]
+    straight = torch.load(tmp_path / "continuous" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert straight["RolloutDataModule"]["best_action"] == ckpt["RolloutDataModule"]["best_action"]
+    for name, weight in straight["state_dict"].items():
+        torch.testing.assert_close(ckpt["state_dict"][name], weight, rtol=0, atol=0, msg=name)
 

@@ -73,7 +73,23 @@ class RolloutPolicy(Protocol):
 
 
 class GenerationEngine(ABC):
-    """Samples actions for a rollout. ``load_weights`` is called before every collection."""
+    """Samples actions for a rollout. ``load_weights`` is called before every collection.
+
+    Built as ``Engine(options, max_model_len)``: the engine's own settings (None: its defaults)
+    and the longest prompt + action the rollout asks for.
+    """
+
+    def __init__(self, options: Any = None, max_model_len: int | None = None) -> None:
+        self.check_settings(options, max_model_len)
+        self.options = options
+        self.max_model_len = max_model_len
+
+    @classmethod
+    def check_settings(cls, options: Any, max_model_len: int | None) -> None:
+        """Refuse (ValueError, one line) settings the engine cannot run with, when the
+        datamodule is configured: before any weights are loaded or environments started."""
+        if options is not None:
+            raise ValueError(f"the {cls.__name__} engine takes no options, got {options!r}")
 
     def load_weights(self, source: RolloutPolicy) -> None:  # noqa: B027 - engines that read the live policy need nothing
         """Make the engine sample from ``source``'s current policy weights."""

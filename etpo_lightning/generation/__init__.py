@@ -4,7 +4,8 @@
 * ``vllm.py``  ``VLLMEngine``: vLLM in the training process, weights pushed before every
   collection (the optional extra ``[vllm]``; ``vllm_options.py`` imports without it).
 
-``build_engine(name)`` makes the engine a ``RolloutDataModule`` asks for by name.
+``engine_class(name)`` is the engine a ``RolloutDataModule`` asks for by name (its
+``check_settings`` runs when the datamodule is configured); ``build_engine`` makes one.
 """
 
 from __future__ import annotations
@@ -21,11 +22,18 @@ ENGINES = {
 }
 
 
-def build_engine(name: str, **options: Any) -> GenerationEngine:
-    """The engine called ``name`` with its ``options``."""
+def engine_class(name: str) -> type[GenerationEngine]:
+    """The engine class called ``name`` (its module imported; the engine's optional
+    dependency is not: an engine checks for it in ``check_settings``)."""
     import importlib
 
     if name not in ENGINES:
         raise ValueError(f"generation must be one of {sorted(ENGINES)}, got generation={name!r}")
     module, cls = ENGINES[name]
-    return getattr(importlib.import_module(module), cls)(**options)
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_engine(name: str, options: Any = None, max_model_len: int | None = None) -> GenerationEngine:
+    """The engine called ``name`` with its ``options`` (None: its defaults), for rollouts of
+    at most ``max_model_len`` prompt + action tokens."""
+    return engine_class(name)(options, max_model_len)

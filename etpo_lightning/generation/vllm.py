@@ -75,12 +75,19 @@ class VLLMEngine(GenerationEngine):
     """
 
     def __init__(self, options: VLLMOptions | None = None, max_model_len: int | None = None) -> None:
-        require_vllm()
+        super().__init__(options, max_model_len)
         self.options = options or VLLMOptions()
         self.max_model_len = self.options.max_model_len or max_model_len
         self._llm = None
         self._config_dir: str | None = None
-        self._calls = 0
+
+    @classmethod
+    def check_settings(cls, options: VLLMOptions | None, max_model_len: int | None) -> None:
+        require_vllm()
+        if options is not None and not isinstance(options, VLLMOptions):
+            raise ValueError(f"vLLM options must be VLLMOptions, got {type(options).__name__}")
+        if options is not None and max_model_len is not None:
+            options.check_fits(max_model_len)
 
     @property
     def built(self) -> bool:
@@ -144,20 +151,20 @@ class VLLMEngine(GenerationEngine):
         if too_long:
             raise ValueError(f"a prompt of {max(too_long)} tokens + max_new_tokens={sampling.max_new_tokens} exceeds "
                              f"the vLLM engine's max_model_len={self.max_model_len}")
-        # One seed per request, so that rows never share their random draws: drawn from torch's
-        # global generator (seed_everything governs it, as it governs ``generate``) and mixed
-        # with the sampling seed (each rank's own).
+        # One seed per request, so that rows never share their random draws: one draw from torch's
+        # global generator (seed_everything governs it, as it governs ``generate``, and a
+        # checkpoint restores it, so a resumed fit samples as a continuous one) mixed with the
+        # sampling seed (each rank's own) and the row.
         base = int(torch.randint(0, 2**31 - 1, (1,)).item())
         params = [
             SamplingParams(
                 n=1, temperature=sampling.temperature, top_k=sampling.top_k if sampling.top_k > 0 else 0,
                 top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, logprobs=0,
                 stop_token_ids=[sampling.eos_token_id], detokenize=False,
-                seed=hash((sampling.seed, base, self._calls, i)) & 0x7FFFFFFF,
+                seed=hash((sampling.seed, base, i)) & 0x7FFFFFFF,
             )
             for i in range(len(prompts))
         ]
-        self._calls += 1
         outputs = self._llm.generate([TokensPrompt(prompt_token_ids=p.tolist()) for p in prompts], params,
                                      use_tqdm=False)
         actions, logprobs = [], []

@@ -54,6 +54,13 @@ class VLLMOptions:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got dtype={self.dtype!r}")
 
 
+    def check_fits(self, max_model_len: int) -> None:
+        """Refuse a ``max_model_len`` shorter than the rollout's longest prompt + action."""
+        if self.max_model_len is not None and self.max_model_len < max_model_len:
+            raise ValueError(f"vllm.max_model_len={self.max_model_len} is shorter than max_prompt_tokens + "
+                             f"max_new_tokens = {max_model_len}")
+
+
 def vllm_installed() -> bool:
     """Whether the ``vllm`` package is installed (found without importing it: the import
     takes seconds)."""
