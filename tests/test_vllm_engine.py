@@ -129,7 +129,11 @@ def test_vllm_follows_the_weights_after_an_optimizer_step(engine, assets, tokeni
     module = etpo_module(assets)
     engine.load_weights(module)
     settings = sampling(tokenizer, max_new_tokens=32, seed=2)
-    batch = prompts(tokenizer)
+    # A prompt longer than a KV-cache block, so that its prefix is cached by the first sampling:
+    # after the push it must be computed anew with the new weights.
+    long_prompt = torch.tensor(tokenizer(" ".join(["Say the word 'river'."] * 20), add_special_tokens=False)["input_ids"])
+    assert 160 <= long_prompt.numel() <= 256 - 32
+    batch = [*prompts(tokenizer), long_prompt]
     before = engine.sample(module, batch, settings)
     # One real Adam step that makes the sampled actions more likely.
     policy = module.policy.train()
@@ -247,6 +251,9 @@ def test_quickstart_vllm_fits_checkpoints_resumes_and_exports(assets, tmp_path):
                                overrides={"data.num_envs": 4, "data.batch_size": 4, "data.max_new_tokens": 32,
                                           "data.max_prompt_tokens": 256,  # the random Llama has 512 positions
                                           "data.replay_collections": 2,
+                                          # Environments restart their episodes on resume: with
+                                          # one-step episodes none is cut, so the runs can match.
+                                          "data.env.init_args.max_steps": 1,
                                           "trainer.callbacks[RolloutRefresh].init_args.every_n_steps": 1,
                                           "trainer.callbacks[ModelCheckpoint].init_args.every_n_train_steps": 2})
         return [str(Path(sys.executable).with_name("etpo")), "fit", "--config", str(config),

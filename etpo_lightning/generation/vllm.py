@@ -102,6 +102,10 @@ class VLLMEngine(GenerationEngine):
         # between processes. A direct model.load_weights fails on the CPU build; reload_weights
         # runs vLLM's own loaders (fused QKV / gate-up, tied embeddings skipped).
         self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
+        # The prefix cache holds keys and values computed with the old weights: a prompt that
+        # shares a cached prefix (every collection repeats the task's prompt) would be sampled
+        # from a mix of old and new weights, and its log-probs would not be the policy's.
+        self._llm.reset_prefix_cache()
 
     def _build(self, source: RolloutPolicy) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
