@@ -1,23 +1,27 @@
-"""Does the generation engine change learning? The quickstart with ``generate`` and with vLLM
-at the same seeds, their rollout reward curves beside the spread of the 5-seed results.
+"""Does the generation engine change learning? The quickstart trained with ``generate`` and
+with vLLM at the same seeds, compared on their training rollout reward.
 
-    etpo fit --config configs/quickstart.yaml --trainer.default_root_dir runs/engine_cmp/hf
-    etpo fit --config configs/quickstart_vllm.yaml --trainer.default_root_dir runs/engine_cmp/vllm  # in .venv-vllm
-    # the same with --seed_everything 1 --data.seed 1 into runs/engine_cmp/{hf,vllm}_seed1, then
-    python bench/engine_compare.py --run "generate, seed 0=runs/engine_cmp/hf" --run "vLLM, seed 0=runs/engine_cmp/vllm" \
-        --run "generate, seed 1=runs/engine_cmp/hf_seed1" --run "vLLM, seed 1=runs/engine_cmp/vllm_seed1"
+    SEEDS="5 6 7 8 9"
+    for s in $SEEDS; do
+      python bench/learning.py --train-only --reuse --seeds $s --out runs/bench_learning/etpo --label "ETPO(lambda=0.9)"
+      .venv-vllm/bin/python bench/learning.py --train-only --reuse --seeds $s --config configs/quickstart_vllm.yaml \
+          --out runs/bench_learning/etpo_vllm --label "ETPO(lambda=0.9), vLLM"
+    done
+    python bench/engine_compare.py --engine generate=runs/bench_learning/etpo --engine vLLM=runs/bench_learning/etpo_vllm
 
-Writes ``bench/results/engine_compare.{json,png}``: per run, the curve and its mean rollout
-reward over the first and second half of training; the 5-seed envelope (min..max per
-collection, smoothed like the curves) of ``--spread LABEL`` from ``learning_compare.json`` and
-the fraction of each run's collections inside it. The spread was measured from the base model
-recorded there (``base_model_sha256``), which is said beside it.
+Every ``--engine LABEL=DIR`` is a ``bench/learning.py`` output folder (``seedN/`` per seed);
+the seeds that finished in every folder are compared. Per seed and engine: the mean rollout
+reward over the last ``--last`` collections (how far each run got) and the fraction of its
+collections inside the first engine's min..max envelope over seeds (moving mean of
+``--smooth``). Between the first engine and each other: mean ± std over seeds, the Welch 95 %
+interval of the difference and, as the seeds are shared, the paired one (the per-seed
+differences' t interval). Writes ``bench/results/engine_compare.{json,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -27,54 +31,70 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import machine_info, write_results  # noqa: E402
-from learning_compare import RESULTS, curve_from_json  # noqa: E402
+from learning_compare import RESULTS, parse_runs, seed_curve, seed_dirs, welch  # noqa: E402
 
 
-def run_curve(run_dir: Path) -> pd.Series:
-    """Rollout reward per collection of a single ``etpo fit`` run, indexed by environment steps."""
-    df = pd.read_csv(sorted(run_dir.glob("logs/version_*/metrics.csv"))[-1])
-    rows = df[["rollout/reward_mean", "rollout/env_steps"]].dropna().drop_duplicates("rollout/env_steps")
-    return rows.set_index("rollout/env_steps")["rollout/reward_mean"]
+def paired(a: list[float], b: list[float]) -> dict:
+    """mean(a - b) over shared seeds and its 95 % t interval."""
+    from scipy import stats
+
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return {"diff": mean, "ci95": [float("nan")] * 2}
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return {"diff": mean, "ci95": [mean - half, mean + half], "per_seed": diffs}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", action="append", required=True, help="LABEL=RUN_DIR (an etpo fit output folder)")
-    parser.add_argument("--spread", default="ETPO(lambda=0.9)", help="label in learning_compare.json's curves")
+    parser.add_argument("--engine", action="append", required=True,
+                        help="LABEL=DIR, a bench/learning.py output folder; the first is the reference")
+    parser.add_argument("--last", type=int, default=10, help="collections averaged at the end of each run")
     parser.add_argument("--smooth", type=int, default=5, help="moving mean over this many collections")
+    parser.add_argument("--stem", default="engine_compare", help="bench/results/<stem>.{json,png}")
     args = parser.parse_args(argv)
 
-    recorded = json.loads((RESULTS / "learning_compare.json").read_text())
-    seeds = [curve_from_json(c)["rollout/reward_mean"] for c in recorded["curves"][args.spread]]
-    smoothed = pd.concat([s.rolling(args.smooth, min_periods=1).mean() for s in seeds], axis=1)
-    low, high = smoothed.min(axis=1), smoothed.max(axis=1)
+    folders = parse_runs(args.engine)
+    seeds = sorted(set.intersection(*({int(d.name[4:]) for d in seed_dirs(f)} for f in folders.values())))
+    if not seeds:
+        raise SystemExit("no seed finished in every --engine folder")
+    curves = {label: {s: seed_curve(folder / f"seed{s}")["rollout/reward_mean"] for s in seeds}
+              for label, folder in folders.items()}
+    reference = next(iter(curves))
+    moving = {label: pd.concat([c.rolling(args.smooth, min_periods=1).mean() for c in per_seed.values()], axis=1)
+              for label, per_seed in curves.items()}
+    low, high = moving[reference].min(axis=1), moving[reference].max(axis=1)
 
-    runs: dict[str, dict] = {}
-    curves = {}
-    for item in args.run:
-        label, _, path = item.partition("=")
-        curve = run_curve(Path(path))
-        curves[label] = curve
-        moving = curve.rolling(args.smooth, min_periods=1).mean()
-        common = moving.index.intersection(low.index)
-        inside = ((moving[common] >= low[common]) & (moving[common] <= high[common])).mean()
-        half = len(curve) // 2
-        runs[label] = {"run_dir": path, "collections": len(curve), "env_steps": float(curve.index.max()),
-                       "reward_first_half": float(curve.iloc[:half].mean()),
-                       "reward_second_half": float(curve.iloc[half:].mean()),
-                       "reward_last_10": float(curve.iloc[-10:].mean()),
-                       "inside_5_seed_envelope": float(inside),
-                       "curve": {"env_steps": curve.index.tolist(), "reward": curve.tolist()}}
-    spread_note = (f"5-seed envelope of {args.spread!r} from learning_compare.json, trained from the base model "
-                   f"{recorded.get('base_model_sha256', '?')[:12]}")
-    envelope_last_10 = [float(s.iloc[-10:].mean()) for s in seeds]
+    engines: dict[str, dict] = {}
+    for label, per_seed in curves.items():
+        last = [float(c.iloc[-args.last:].mean()) for c in per_seed.values()]
+        inside = []
+        for c in per_seed.values():
+            m = c.rolling(args.smooth, min_periods=1).mean()
+            common = m.index.intersection(low.index)
+            inside.append(float(((m[common] >= low[common]) & (m[common] <= high[common])).mean()))
+        engines[label] = {
+            "run_dir": str(folders[label]), "seeds": seeds, f"reward_last_{args.last}": last,
+            "mean": statistics.mean(last), "std": statistics.stdev(last) if len(last) > 1 else float("nan"),
+            "inside_reference_envelope": inside,
+            "curves": {str(s): {"env_steps": c.index.tolist(), "reward": c.tolist()} for s, c in per_seed.items()},
+        }
+    ref_last = engines[reference][f"reward_last_{args.last}"]
+    comparisons = {f"{label} - {reference}": {"welch": welch(e[f"reward_last_{args.last}"], ref_last),
+                                             "paired": paired(e[f"reward_last_{args.last}"], ref_last)}
+                   for label, e in engines.items() if label != reference}
 
-    header = f"{'run':<12} {'collections':>11} {'1st half':>9} {'2nd half':>9} {'last 10':>8} {'in envelope':>12}"
-    print(header)
-    for label, r in runs.items():
-        print(f"{label:<12} {r['collections']:>11} {r['reward_first_half']:>9.3f} {r['reward_second_half']:>9.3f} "
-              f"{r['reward_last_10']:>8.3f} {r['inside_5_seed_envelope']:>12.0%}")
-    print(f"{spread_note}: last-10 rollout reward per seed {', '.join(f'{x:.3f}' for x in envelope_last_10)}")
+    print(f"seeds {seeds}; rollout reward, mean of the last {args.last} collections")
+    print(f"{'engine':<12} {'mean ± std':>16}  per seed{'':<30} in {reference} envelope")
+    for label, e in engines.items():
+        per_seed = ", ".join(f"{x:+.3f}" for x in e[f"reward_last_{args.last}"])
+        inside = ", ".join(f"{x:.0%}" for x in e["inside_reference_envelope"])
+        print(f"{label:<12} {e['mean']:+.3f} ± {e['std']:.3f}  {per_seed:<38} {inside}")
+    for name, c in comparisons.items():
+        w, p = c["welch"], c["paired"]
+        print(f"{name}: {w['diff']:+.3f}, Welch 95% [{w['ci95'][0]:+.3f}, {w['ci95'][1]:+.3f}], "
+              f"paired 95% [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]")
 
     import matplotlib
 
@@ -82,19 +102,20 @@ def main(argv: list[str] | None = None) -> dict:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.fill_between(low.index, low, high, color="0.85", label=f"5 seeds, {args.spread} (min..max)")
-    for label, curve in curves.items():
-        ax.plot(curve.index, curve.rolling(args.smooth, min_periods=1).mean(), label=label)
+    ax.fill_between(low.index, low, high, color="0.85", label=f"{reference}, {len(seeds)} seeds (min..max)")
+    for (label, m), color in zip(moving.items(), ("C0", "C1", "C2", "C3")):
+        for i, column in enumerate(m.columns):
+            ax.plot(m.index, m[column], color=color, lw=0.6, alpha=0.5)
+        ax.plot(m.index, m.mean(axis=1), color=color, lw=2, label=f"{label}, mean of seeds {seeds}")
     ax.set_xlabel("environment steps")
     ax.set_ylabel(f"rollout reward (moving mean of {args.smooth})")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "engine_compare.png", dpi=120)
+    fig.savefig(RESULTS / f"{args.stem}.png", dpi=120)
 
-    data = {"runs": runs, "smooth": args.smooth, "spread": {"label": args.spread, "note": spread_note,
-                                                            "last_10_per_seed": envelope_last_10}}
-    command = "python bench/engine_compare.py " + " ".join(f"--run {r}" for r in args.run)
-    write_results("engine_compare", data, machine_info(), command)
+    data = {"engines": engines, "comparisons": comparisons, "last": args.last, "smooth": args.smooth}
+    command = "python bench/engine_compare.py " + " ".join(f"--engine {e}" for e in args.engine)
+    write_results(args.stem, data, machine_info(), command)
     return data
 
 
