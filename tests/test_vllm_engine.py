@@ -152,6 +152,23 @@ def test_vllm_follows_the_weights_after_an_optimizer_step(engine, assets, tokeni
         assert (logp - old_logp).abs().max().item() > 1e-2
 
 
+def test_vllm_samples_more_prompt_tokens_than_one_step_holds(engine, assets, tokenizer):
+    """20 seeded prompts of ~220 tokens (more than vLLM's 4,096-token step): on the CPU a
+    prefill split over two steps would fail; every row is still the policy's own sample."""
+    module = etpo_module(assets)
+    engine.load_weights(module)
+    # Random rows, so that no two share a cached prefix (which would shrink their prefill).
+    g = torch.Generator().manual_seed(0)
+    batch = [torch.randint(len(tokenizer.all_special_ids), len(tokenizer), (200 + i,), generator=g) for i in range(20)]
+    assert sum(p.numel() for p in batch) > 4096 and max(p.numel() for p in batch) + 8 <= 256
+    samples = engine.sample(module, batch, sampling(tokenizer, max_new_tokens=8, seed=5))
+    assert len(samples.actions) == 20
+    for prompt, action, logp in zip(batch, samples.actions, samples.logprobs):
+        assert action.numel() >= 1
+        torch.testing.assert_close(logp, processed_logprobs(module.policy, prompt, action, 1.0, 0, 1.0),
+                                   rtol=0, atol=1e-4)
+
+
 def test_vllm_samples_the_merged_lora_policy(engine, assets, tokenizer):
     """Under LoRA the engine gets the base with the trained policy adapter merged: its
     log-probs are the adapter view's own, not the base's."""

@@ -65,6 +65,18 @@ def _process_state_kept() -> Iterator[None]:
         torch.set_rng_state(states[2])
 
 
+def _scheduling(max_model_len: int | None) -> dict:
+    """Scheduler settings. On CPUs, no chunked prefill: a prompt whose prefill is split over
+    two steps makes vLLM rewind the request's seeded generator, which a CPU generator cannot
+    do ("CPU Generator does not use offset"; every request here is seeded). Whole prompts
+    are scheduled instead, as many per step as the token budget holds."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len or 0, 4096)}
+
+
 class VLLMEngine(GenerationEngine):
     """Samples actions with vLLM; see the module docstring.
 
@@ -137,7 +149,7 @@ class VLLMEngine(GenerationEngine):
                 self._llm = LLM(
                     model=self._config_dir, load_format="dummy", skip_tokenizer_init=True, dtype=opts.dtype,
                     max_model_len=self.max_model_len, enforce_eager=opts.enforce_eager,
-                    logprobs_mode="processed_logprobs", **memory,
+                    logprobs_mode="processed_logprobs", **memory, **_scheduling(self.max_model_len),
                 )
         except BaseException:
             self.close()
