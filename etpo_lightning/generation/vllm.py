@@ -24,6 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from etpo_lightning.core.generation import GenerationEngine, RolloutPolicy, Samples, Sampling, cut_at_eos
+from etpo_lightning.generation.vllm_distributed import (
+    external_launcher_args,
+    trainer_group_initialized,
+    trainer_group_kept,
+)
 from etpo_lightning.generation.vllm_options import (
     INSTALL_HINT,
     VLLMNotInstalledError,
@@ -80,6 +85,7 @@ class VLLMEngine(GenerationEngine):
         self.max_model_len = self.options.max_model_len or max_model_len
         self._llm = None
         self._config_dir: str | None = None
+        self._on_trainer_group = False
         self._calls = 0
 
     @property
@@ -97,12 +103,10 @@ class VLLMEngine(GenerationEngine):
         self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state.items())})
 
     def _build(self, source: RolloutPolicy) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            # vLLM sets up its own process group in this process; beside a multi-rank trainer
-            # it needs vLLM's external-launcher mode, which is not wired here.
-            raise RuntimeError("generation='vllm' runs one process per trainer (devices: 1); "
-                               "multi-rank training with vLLM is not supported yet")
+        # Under a trainer's process group (DDP, FSDP2; one rank too) vLLM joins it: one engine
+        # per rank, built by all ranks together (see vllm_distributed).
+        self._on_trainer_group = trainer_group_initialized()
+        launch = external_launcher_args() if self._on_trainer_group else {}
         config = hf_config(source.sampling_network())
         positions = getattr(config, "max_position_embeddings", None)
         if self.options.max_model_len is None and positions is not None:
@@ -126,7 +130,7 @@ class VLLMEngine(GenerationEngine):
                 self._llm = LLM(
                     model=self._config_dir, load_format="dummy", skip_tokenizer_init=True, dtype=opts.dtype,
                     max_model_len=self.max_model_len, enforce_eager=opts.enforce_eager,
-                    logprobs_mode="processed_logprobs", **memory,
+                    logprobs_mode="processed_logprobs", **memory, **launch,
                 )
         except BaseException:
             self.close()
@@ -176,8 +180,10 @@ class VLLMEngine(GenerationEngine):
     def close(self) -> None:
         llm, self._llm = self._llm, None
         if llm is not None:
-            with contextlib.suppress(Exception):
-                # Tears down vLLM's process group and unfreezes what its start froze for gc.
+            kept = trainer_group_kept() if self._on_trainer_group else contextlib.nullcontext()
+            with contextlib.suppress(Exception), kept:
+                # Tears down vLLM's process groups (not the trainer's) and unfreezes what its
+                # start froze for gc.
                 llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()

@@ -1,0 +1,60 @@
+"""One vLLM engine per trainer rank, on the process group the trainer already set up.
+
+vLLM's in-process engine creates a process group of its own, which cannot coexist with the
+trainer's (DDP, FSDP2) in one process. Its ``external_launcher`` executor instead builds its
+groups inside the existing one (the same route as torchrun-launched vLLM): with a tensor
+parallel size of 1 every rank is an independent engine that samples its own prompts. Building
+it is a collective (``new_group`` calls and a minimum of the ranks' free memory), so every
+rank builds its engine at the same point; sampling and weight pushes are local.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+def trainer_group_initialized() -> bool:
+    """Whether a process group (the trainer's) exists before vLLM is built."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def external_launcher_args() -> dict[str, Any]:
+    """``LLM`` arguments that put the engine on the trainer's process group, one engine per
+    rank; vLLM reads this rank's place from the torchrun variables, set here where the
+    launcher (Lightning sets ``LOCAL_RANK`` and ``WORLD_SIZE``, not ``RANK``) left them out."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    # One node: the local rank is the global one (on GPUs vLLM picks cuda:LOCAL_RANK).
+    os.environ.setdefault("LOCAL_RANK", str(rank))
+    if int(os.environ["RANK"]) != rank or int(os.environ["WORLD_SIZE"]) != world:
+        raise RuntimeError(f"RANK={os.environ['RANK']} / WORLD_SIZE={os.environ['WORLD_SIZE']} in the environment "
+                           f"disagree with the process group (rank {rank} of {world})")
+    return {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1}
+
+
+@contextlib.contextmanager
+def trainer_group_kept() -> Iterator[None]:
+    """Shut an external-launcher engine down without ending the trainer's process group:
+    vLLM's shutdown destroys its own groups and then the default group, which here is the
+    trainer's and still in use (checkpoints, barriers, the next fit)."""
+    from vllm.distributed import parallel_state
+
+    destroy = parallel_state.destroy_distributed_environment
+
+    def destroy_vllm_world_only() -> None:
+        if parallel_state._WORLD is not None:
+            parallel_state._WORLD.destroy()
+        parallel_state._WORLD = None
+        parallel_state._NODE_COUNT = None
+
+    parallel_state.destroy_distributed_environment = destroy_vllm_world_only
+    try:
+        yield
+    finally:
+        parallel_state.destroy_distributed_environment = destroy
