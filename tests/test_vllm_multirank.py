@@ -42,10 +42,13 @@ def policy_logprobs(model, state: dict[str, torch.Tensor], prompt: torch.Tensor,
     return logits.log_softmax(-1).gather(1, action[:, None]).squeeze(1)
 
 
-def test_ddp_ranks_sample_with_their_own_engines_and_the_current_weights(assets, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_ranks_sample_with_their_own_engines_and_the_current_weights(assets, tmp_path, strategy):
+    """Three batches, one collection before each; under FSDP2 the weights pushed are
+    gathered from the shards on every rank (a collective)."""
     from transformers import AutoModelForCausalLM
 
-    run_ddp_fit([str(tmp_path), "--model", assets[0], "--tokenizer", assets[1], "--strategy", "ddp"], script=FIT)
+    run_ddp_fit([str(tmp_path), "--model", assets[0], "--tokenizer", assets[1], "--strategy", strategy], script=FIT)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["rank_seed"] != ranks[1]["rank_seed"]
     model = AutoModelForCausalLM.from_pretrained(assets[0]).eval()
@@ -70,7 +73,7 @@ def test_ddp_ranks_sample_with_their_own_engines_and_the_current_weights(assets,
         first, second = (r["collections"][c]["transitions"] for r in ranks)
         assert [p.tolist() for p, _, _ in first] == [p.tolist() for p, _, _ in second]
         assert [a.tolist() for _, a, _ in first] != [a.tolist() for _, a, _ in second]
-    # (c) DDP kept the ranks' policies identical, before every collection and at the end.
+    # (c) The ranks trained one policy: identical before every collection and at the end.
     for c in range(3):
         for k, v in ranks[0]["collections"][c]["policy"].items():
             assert torch.equal(v, ranks[1]["collections"][c]["policy"][k]), (c, k)

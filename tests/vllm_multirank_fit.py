@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     module = ETPOModule(model_name_or_path=args.model, beta=0.1, gamma=0.9, policy_lr=1e-2, critic_lr=1e-3, tau=0.1)
     dm = RolloutDataModule(env=KeywordEnv(words=["apple"], max_steps=1), tokenizer=args.tokenizer, num_envs=2,
                            rollout_steps=1, batch_size=2, batches_per_epoch=1, max_new_tokens=16,
-                           max_prompt_tokens=64, seed=0, generation="vllm", vllm=VLLMOptions(kv_cache_gib=0.0625))
+                           max_prompt_tokens=128, seed=0, generation="vllm", vllm=VLLMOptions(kv_cache_gib=0.0625))
     collections: list[dict[str, Any]] = []
     collect = dm.collect
 
