@@ -1,9 +1,17 @@
-"""vLLM as the rollout engine, in the training process (one trainer process: multi-rank runs are refused).
+"""vLLM as the rollout engine, in the training process: one engine per rank.
+
+Without a process group (one process) vLLM sets up its own. Under a trainer's process group
+(DDP, FSDP2) each rank builds its own engine on that group with vLLM's ``external_launcher``
+executor (``vllm_distributed``): the ranks build their engines together, at their first
+collection, then each samples its own prompts with its own seeds, and closing an engine
+leaves the trainer's group working. Tested on CPU ranks (gloo); on GPUs each rank's engine
+takes ``cuda:LOCAL_RANK``, sharing it with training (``kv_cache_gib`` bounds its share).
 
 The engine is built on first use from the policy's config alone (random weights, no
 checkpoint written) and every ``load_weights`` pushes ``inference_state_dict()`` into it:
 LoRA merged and FSDP gathered by the module, so the engine always samples the policy
-being trained. Behaviour log-probs are vLLM's *processed* log-probs: of each sampled token
+being trained (under FSDP2 every rank gathers it: a collective, as every rank collects).
+Behaviour log-probs are vLLM's *processed* log-probs: of each sampled token
 under the distribution it was drawn from, after temperature / top-k / top-p, as the
 ``generate`` engine returns them.
 
