@@ -82,3 +82,7 @@ def test_ranks_sample_with_their_own_engines_and_the_current_weights(assets, tmp
     # Each engine was closed at the end of fit, and the trainer's process group still works.
     assert all(r["engine_closed"] for r in ranks)
     assert [r["all_reduce"] for r in ranks] == [3.0, 3.0]
+    # ... on which a new engine is built and samples the trained policy.
+    for r in ranks:
+        prompt, action, logp = r["rebuilt"]
+        assert (logp - policy_logprobs(model, r["final"], prompt, action)).abs().max().item() <= 1e-4

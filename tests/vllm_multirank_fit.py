@@ -9,8 +9,9 @@ differ only by their sampling seeds. One collection per batch.
 
 Every rank writes ``OUT_DIR/rank{r}.pt``: per collection, the policy's weights just before it
 (gathered) and its transitions (prompt, action, the engine's behaviour log-probs); the final
-policy; whether its engine was closed at the end of fit; and an all-reduce over the trainer's
-process group after fit (the engine's teardown must leave it working).
+policy; whether its engine was closed at the end of fit; an all-reduce over the trainer's
+process group after fit (the engine's teardown must leave it working); and one action
+sampled by a second engine built on that group after the fit, with the trained policy.
 """
 
 from __future__ import annotations
@@ -77,9 +78,15 @@ def main(argv: list[str] | None = None) -> None:
     rank = trainer.global_rank
     ones = torch.tensor([float(rank + 1)])
     torch.distributed.all_reduce(ones)  # the trainer's group outlives the engines
+    # A new engine on the same group after the fit's was closed, with the trained weights.
+    engine = dm.make_engine()
+    prompt = torch.tensor(dm.tokenizer("Say the word 'apple'.\nAnswer:", add_special_tokens=False)["input_ids"])
+    rebuilt = engine.sample(module, [prompt], dm.sampling)
+    engine.close()
     torch.save({"rank": rank, "rank_seed": dm.rank_seed, "collections": collections,
                 "final": gathered_policy(module), "engine_closed": dm.engine is None,
-                "all_reduce": float(ones)}, args.out_dir / f"rank{rank}.pt")
+                "all_reduce": float(ones), "rebuilt": (prompt, rebuilt.actions[0], rebuilt.logprobs[0])},
+               args.out_dir / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":
