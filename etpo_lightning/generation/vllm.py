@@ -92,8 +92,8 @@ class VLLMEngine(GenerationEngine):
         self.options = options or VLLMOptions()
         self.max_model_len = self.options.max_model_len or max_model_len
         self._llm = None
+        self._on_trainer_group = False  # built on the trainer's process group (vllm_distributed)
         self._config_dir: str | None = None
-        self._on_trainer_group = False
         self._calls = 0
 
     @property
