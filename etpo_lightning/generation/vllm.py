@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from etpo_lightning.core.generation import GenerationEngine, RolloutPolicy, Samples, Sampling, cut_at_eos
 from etpo_lightning.generation.vllm_distributed import (
     external_launcher_args,
+    remember_vllm_own_group,
     trainer_group_initialized,
     trainer_group_kept,
 )
@@ -140,6 +141,8 @@ class VLLMEngine(GenerationEngine):
                     max_model_len=self.max_model_len, enforce_eager=opts.enforce_eager,
                     logprobs_mode="processed_logprobs", **memory, **launch,
                 )
+            if not self._on_trainer_group:
+                remember_vllm_own_group()
         except BaseException:
             self.close()
             raise

@@ -18,9 +18,25 @@ from typing import Any
 import torch
 
 
+# The default process group an engine built without a trainer's group made for itself: an
+# engine built beside it (a second engine in one process) shares it as vLLM does, and is not
+# on a trainer's group.
+_vllm_own_group: Any = None
+
+
 def trainer_group_initialized() -> bool:
-    """Whether a process group (the trainer's) exists before vLLM is built."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    """Whether the process has a default process group that a trainer made (not an earlier
+    vLLM engine)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    return torch.distributed.distributed_c10d._get_default_group() is not _vllm_own_group
+
+
+def remember_vllm_own_group() -> None:
+    """Call after building an engine without a trainer's group: the default group is vLLM's."""
+    global _vllm_own_group
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        _vllm_own_group = torch.distributed.distributed_c10d._get_default_group()
 
 
 def external_launcher_args() -> dict[str, Any]:
