@@ -1,11 +1,13 @@
 """One vLLM engine per trainer rank, on the process group the trainer already set up.
 
-vLLM's in-process engine creates a process group of its own, which cannot coexist with the
-trainer's (DDP, FSDP2) in one process. Its ``external_launcher`` executor instead builds its
-groups inside the existing one (the same route as torchrun-launched vLLM): with a tensor
-parallel size of 1 every rank is an independent engine that samples its own prompts. Building
-it is a collective (``new_group`` calls and a minimum of the ranks' free memory), so every
-rank builds its engine at the same point; sampling and weight pushes are local.
+An in-process vLLM engine builds its groups inside an existing default process group.
+Its default executor would then run every rank's worker as rank 0 (on GPUs: all on
+cuda:0); the ``external_launcher`` executor (as torchrun-launched vLLM, and TRL's colocated
+vLLM, use it) takes each rank's place from the torchrun variables. With a tensor-parallel
+size of 1 every rank is an independent engine that samples its own prompts. Building it is
+a collective (``new_group`` calls and a minimum of the ranks' free memory), so every rank
+builds its engine at the same point; sampling and weight pushes are local. vLLM's shutdown
+ends with destroying the default process group, here the trainer's: ``trainer_group_kept``.
 """
 
 from __future__ import annotations
