@@ -1,9 +1,17 @@
-"""vLLM as the rollout engine, in the training process (one trainer process: multi-rank runs are refused).
+"""vLLM as the rollout engine, in the training process: one engine per rank.
+
+Without a process group (one process) vLLM sets up its own. Under a trainer's process group
+(DDP, FSDP2) each rank builds its own engine on that group with vLLM's ``external_launcher``
+executor (``vllm_distributed``): the ranks build their engines together, at their first
+collection, then each samples its own prompts with its own seeds, and closing an engine
+leaves the trainer's group working. Tested on CPU ranks (gloo); on GPUs each rank's engine
+takes ``cuda:LOCAL_RANK``, sharing it with training (``kv_cache_gib`` bounds its share).
 
 The engine is built on first use from the policy's config alone (random weights, no
 checkpoint written) and every ``load_weights`` pushes ``inference_state_dict()`` into it:
 LoRA merged and FSDP gathered by the module, so the engine always samples the policy
-being trained. Behaviour log-probs are vLLM's *processed* log-probs: of each sampled token
+being trained (under FSDP2 every rank gathers it: a collective, as every rank collects).
+Behaviour log-probs are vLLM's *processed* log-probs: of each sampled token
 under the distribution it was drawn from, after temperature / top-k / top-p, as the
 ``generate`` engine returns them.
 
@@ -24,6 +32,12 @@ import torch
 from torch import Tensor, nn
 
 from etpo_lightning.core.generation import GenerationEngine, RolloutPolicy, Samples, Sampling, cut_at_eos
+from etpo_lightning.generation.vllm_distributed import (
+    external_launcher_args,
+    remember_vllm_own_group,
+    trainer_group_initialized,
+    trainer_group_kept,
+)
 from etpo_lightning.generation.vllm_options import (
     INSTALL_HINT,
     VLLMNotInstalledError,
@@ -91,6 +105,7 @@ class VLLMEngine(GenerationEngine):
         self.options = options or VLLMOptions()
         self.max_model_len = self.options.max_model_len or max_model_len
         self._llm = None
+        self._on_trainer_group = False  # built on the trainer's process group (vllm_distributed)
         self._config_dir: str | None = None
 
     @classmethod
@@ -120,12 +135,10 @@ class VLLMEngine(GenerationEngine):
         self._llm.reset_prefix_cache()
 
     def _build(self, source: RolloutPolicy) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            # vLLM sets up its own process group in this process; beside a multi-rank trainer
-            # it needs vLLM's external-launcher mode, which is not wired here.
-            raise RuntimeError("generation='vllm' runs one process per trainer (devices: 1); "
-                               "multi-rank training with vLLM is not supported yet")
+        # Under a trainer's process group (DDP, FSDP2; one rank too) vLLM joins it: one engine
+        # per rank, built by all ranks together (see vllm_distributed).
+        self._on_trainer_group = trainer_group_initialized()
+        launch = external_launcher_args() if self._on_trainer_group else {}
         config = hf_config(source.sampling_network())
         positions = getattr(config, "max_position_embeddings", None)
         if self.options.max_model_len is None and positions is not None:
@@ -149,8 +162,10 @@ class VLLMEngine(GenerationEngine):
                 self._llm = LLM(
                     model=self._config_dir, load_format="dummy", skip_tokenizer_init=True, dtype=opts.dtype,
                     max_model_len=self.max_model_len, enforce_eager=opts.enforce_eager,
-                    logprobs_mode="processed_logprobs", **memory, **_scheduling(self.max_model_len),
+                    logprobs_mode="processed_logprobs", **memory, **launch, **_scheduling(self.max_model_len),
                 )
+            if not self._on_trainer_group:
+                remember_vllm_own_group()
         except BaseException:
             self.close()
             raise
@@ -199,8 +214,10 @@ class VLLMEngine(GenerationEngine):
     def close(self) -> None:
         llm, self._llm = self._llm, None
         if llm is not None:
-            with contextlib.suppress(Exception):
-                # Tears down vLLM's process group and unfreezes what its start froze for gc.
+            kept = trainer_group_kept() if self._on_trainer_group else contextlib.nullcontext()
+            with contextlib.suppress(Exception), kept:
+                # Tears down vLLM's process groups (not the trainer's) and unfreezes what its
+                # start froze for gc.
                 llm.llm_engine.engine_core.shutdown()
             del llm
             gc.collect()

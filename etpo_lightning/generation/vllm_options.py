@@ -18,7 +18,9 @@ class VLLMNotInstalledError(ValueError):
 
 @dataclass(frozen=True)
 class VLLMOptions:
-    """How the vLLM rollout engine is built (one engine per rank, in the training process).
+    """How the vLLM rollout engine is built: one engine per rank, in the training process
+    (under DDP or FSDP2 on the trainer's process group; see ``generation/vllm.py``). Every
+    rank's engine takes these settings, memory included.
 
     Args:
         kv_cache_gib: Memory for vLLM's KV cache, in GiB (CPU RAM on the CPU build, GPU
