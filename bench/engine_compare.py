@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.fill_between(low.index, low, high, color="0.85", label=f"{reference}, {len(seeds)} seeds (min..max)")
     for (label, m), color in zip(moving.items(), ("C0", "C1", "C2", "C3")):
-        for i, column in enumerate(m.columns):
+        for column in m.columns:
             ax.plot(m.index, m[column], color=color, lw=0.6, alpha=0.5)
         ax.plot(m.index, m.mean(axis=1), color=color, lw=2, label=f"{label}, mean of seeds {seeds}")
     ax.set_xlabel("environment steps")

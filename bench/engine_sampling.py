@@ -22,8 +22,11 @@ from common import machine_info, write_results
 
 @torch.no_grad()
 def own_logprob(policy, prompt: torch.Tensor, action: torch.Tensor) -> float:
-    logits = policy(torch.cat([prompt, action])[None]).logits[0, prompt.numel() - 1:-1].float()
-    return logits.log_softmax(-1).gather(1, action[:, None]).sum().item()
+    """The policy's summed log-probability of ``action`` after ``prompt`` (temperature 1)."""
+    from etpo_lightning.core.functional import token_logprobs
+
+    logits = policy(torch.cat([prompt, action])[None]).logits[:, prompt.numel() - 1:-1]
+    return token_logprobs(logits, action[None]).sum().item()
 
 
 def main(argv: list[str] | None = None) -> dict:

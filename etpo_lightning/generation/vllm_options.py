@@ -55,7 +55,6 @@ class VLLMOptions:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got dtype={self.dtype!r}")
 
-
     def check_fits(self, max_model_len: int) -> None:
         """Refuse a ``max_model_len`` shorter than the rollout's longest prompt + action."""
         if self.max_model_len is not None and self.max_model_len < max_model_len:
