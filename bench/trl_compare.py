@@ -128,11 +128,18 @@ def _time_env_steps(venv) -> list[float]:
 
 
 # ----------------------------------------------------------------------- TRL
-def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
+def trl_grpo_trainer(args: argparse.Namespace, out_dir: Path, venv, curve: list[tuple[int, float]],
+                     num_iterations: int = 1, loss_type: str = "grpo", callbacks: list | None = None):
+    """TRL's GRPOTrainer on the single-step quickstart task, rewarded by our sandbox through ``venv``.
+
+    One optimizer step per group of G programs, ``num_iterations`` of them on each group
+    (TRL reuses a generation ``steps_per_generation * num_iterations`` times), until
+    ``args.programs`` programs have been sampled. ``curve`` receives (programs sampled, mean
+    reward of the group) after every group.
+    """
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from etpo_lightning.envs import VectorEnv
     from etpo_lightning.core.models import load_causal_lm, load_tokenizer
 
     g = args.group_size
@@ -141,11 +148,6 @@ def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
     env = make_env()
     prompt = env.reset(seed=0)  # the quickstart task has one observation
     env.close()
-    venv = VectorEnv([make_env] * g, num_workers=args.env_workers, seed=args.seed)
-    venv.reset()
-    env_seconds = _time_env_steps(venv)
-    curve: list[tuple[int, float]] = []
-    sampled = [0]
 
     def sandbox_reward(prompts: list[str], completions: list[str], **_) -> list[float]:
         """Each completion is a program body: step a single-step env with it (our sandbox)."""
@@ -155,8 +157,8 @@ def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
             n = len(chunk)
             _, step_rewards, _, _ = venv.step(chunk + [""] * (g - n))
             rewards.extend(step_rewards[:n])
-        sampled[0] += len(completions)
-        curve.append((sampled[0], sum(rewards) / len(rewards)))
+        sampled = (curve[-1][0] if curve else 0) + len(completions)
+        curve.append((sampled, sum(rewards) / len(rewards)))
         return rewards
 
     config = GRPOConfig(
@@ -164,21 +166,32 @@ def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
         weight_decay=0.0, max_grad_norm=1.0, beta=args.beta, epsilon=args.epsilon,
         num_generations=g, per_device_train_batch_size=g, gradient_accumulation_steps=1,
-        steps_per_generation=1, num_iterations=1, loss_type="grpo", scale_rewards="group",
+        steps_per_generation=1, num_iterations=num_iterations, loss_type=loss_type, scale_rewards="group",
         max_completion_length=args.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-        max_steps=args.programs // g, logging_steps=1, save_strategy="no", report_to="none",
+        max_steps=args.programs // g * num_iterations, logging_steps=1, save_strategy="no", report_to="none",
         dataloader_num_workers=0, disable_dropout=False,
     )
     dataset = Dataset.from_dict({"prompt": [prompt] * args.programs})
-    trainer = GRPOTrainer(model=model, reward_funcs=sandbox_reward, args=config, train_dataset=dataset,
-                          processing_class=tokenizer)
+    return GRPOTrainer(model=model, reward_funcs=sandbox_reward, args=config, train_dataset=dataset,
+                       processing_class=tokenizer, callbacks=callbacks)
+
+
+def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
+    from etpo_lightning.envs import VectorEnv
+
+    venv = VectorEnv([make_env] * args.group_size, num_workers=args.env_workers, seed=args.seed)
+    venv.reset()
+    env_seconds = _time_env_steps(venv)
+    curve: list[tuple[int, float]] = []
+    trainer = trl_grpo_trainer(args, out_dir, venv, curve)
     start = time.perf_counter()
     try:
         trainer.train()
     finally:
         seconds = time.perf_counter() - start
         venv.close()
-    return {"train_seconds": seconds, "env_seconds": env_seconds[0], "programs": sampled[0], "curve": curve}
+    return {"train_seconds": seconds, "env_seconds": env_seconds[0], "programs": curve[-1][0] if curve else 0,
+            "curve": curve}
 
 
 # ------------------------------------------------------------------- driver

@@ -177,3 +177,17 @@ def test_assignments_parse_values_as_the_cli_does():
     assert parse_assignment("a=16") == ("a", 16)
     assert parse_assignment("a=cosine") == ("a", "cosine")
     assert parse_assignment("a=3e-4x") == ("a", "3e-4x")
+
+
+def test_a_trl_run_is_read_as_a_curve_of_its_groups(tmp_path, learning_compare):
+    """bench/trl_learning.py's metrics.csv: each group's reward at its programs, with the KL of its last update."""
+    from trl_learning import write_metrics
+
+    root = tmp_path / "seed5"
+    curve = [(8, -0.5), (16, 0.25), (24, 0.75)]
+    kls = [(step, 0.01 * step) for step in range(1, 7)]  # num_iterations 2: 2 optimizer steps per group
+    write_metrics(root / "logs" / "version_0" / "metrics.csv", curve, kls, num_iterations=2)
+    read = learning_compare.seed_curve(root)
+    assert list(read.index) == [8, 16, 24]
+    assert list(read["rollout/reward_mean"]) == [-0.5, 0.25, 0.75]
+    assert read["monitor/kl"].tolist() == pytest.approx([0.02, 0.04, 0.06])
