@@ -191,3 +191,27 @@ def test_a_trl_run_is_read_as_a_curve_of_its_groups(tmp_path, learning_compare):
     assert list(read.index) == [8, 16, 24]
     assert list(read["rollout/reward_mean"]) == [-0.5, 0.25, 0.75]
     assert read["monitor/kl"].tolist() == pytest.approx([0.02, 0.04, 0.06])
+
+
+def test_selection_ranks_runs_by_the_mean_of_their_last_collections(tmp_path, learning_compare):
+    import json
+
+    from selection import rank
+    from trl_learning import write_metrics
+
+    def run(name: str, seeds: dict[int, list[float]]) -> Path:
+        for seed, rewards in seeds.items():
+            root = tmp_path / name / f"seed{seed}"
+            write_metrics(root / "logs" / "version_0" / "metrics.csv",
+                          [(8 * (i + 1), r) for i, r in enumerate(rewards)], [], num_iterations=1)
+            (root / "run_info.json").write_text(json.dumps({}))
+        return tmp_path / name
+
+    early = run("early", {0: [0.9, 0.9, -1.0, -1.0], 1: [0.9, -0.5, -0.5, -0.5]})
+    late = run("late", {0: [-1.0, -1.0, 0.5, 0.3]})
+    (tmp_path / "unfinished" / "seed0").mkdir(parents=True)
+    rows = rank([early, late, tmp_path / "unfinished"], last=2)
+    assert [r["run"] for r in rows] == ["late", "early"]
+    assert rows[0]["mean"] == pytest.approx(0.4)
+    assert rows[1]["seeds"] == {0: pytest.approx(-1.0), 1: pytest.approx(-0.5)}
+    assert rows[1]["mean"] == pytest.approx(-0.75)
