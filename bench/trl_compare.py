@@ -195,6 +195,24 @@ def run_trl(args: argparse.Namespace, out_dir: Path) -> dict:
 
 
 # ------------------------------------------------------------------- driver
+def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, task budget and GRPO settings every method (and bench/trl_learning.py) shares."""
+    parser.add_argument("--programs", type=int, default=400, help="sampled programs per run (a multiple of G)")
+    parser.add_argument("--group-size", type=int, default=8, help="G: programs per observation and per update")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--epsilon", type=float, default=0.2, help="clip range of the token ratios")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--env-workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--model", default="tiny-sklearn-coder")
+
+
+def check_programs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.programs % args.group_size:
+        parser.error(f"--programs ({args.programs}) must be a multiple of --group-size ({args.group_size})")
+
+
 def child(method: str, args: argparse.Namespace) -> None:
     from common import set_threads
 
@@ -213,22 +231,13 @@ def child(method: str, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--programs", type=int, default=400, help="sampled programs per method (a multiple of G)")
-    parser.add_argument("--group-size", type=int, default=8, help="G: programs per observation and per update")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--epsilon", type=float, default=0.2, help="clip range of the token ratios")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--env-workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    add_shared_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default="tiny-sklearn-coder")
     parser.add_argument("--work-dir", default="runs/trl_compare")
     parser.add_argument("--out-name", default="trl_compare", help="stem of the files in bench/results/")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.programs % args.group_size:
-        parser.error(f"--programs ({args.programs}) must be a multiple of --group-size ({args.group_size})")
+    check_programs(parser, args)
     if args.child:
         child(args.child, args)
         return {}

@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from trl_compare import make_env, trl_grpo_trainer  # noqa: E402
+from trl_compare import add_shared_arguments, check_programs, make_env, trl_grpo_trainer  # noqa: E402
 
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 
@@ -101,18 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="run folder: one seed<S>/ per seed")
     parser.add_argument("--num-iterations", type=int, default=1, help="TRL's num_iterations: updates per group")
     parser.add_argument("--loss-type", default="grpo", choices=LOSS_TYPES)
-    parser.add_argument("--programs", type=int, default=400, help="sampled programs per run (a multiple of G)")
-    parser.add_argument("--group-size", type=int, default=8, help="G: programs per group and per update")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--epsilon", type=float, default=0.2, help="clip range of the token ratios")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--env-workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--model", default="tiny-sklearn-coder")
+    add_shared_arguments(parser)
     args = parser.parse_args(argv)
-    if args.programs % args.group_size:
-        parser.error(f"--programs ({args.programs}) must be a multiple of --group-size ({args.group_size})")
+    check_programs(parser, args)
 
     from common import set_threads
 
